@@ -1,0 +1,1 @@
+"""The PyTorch twin of the MLX engine (Linux + NVIDIA). Same config, same adapter files."""

@@ -1,0 +1,275 @@
+"""The `mlxtune` command line. Imports stay lazy: `mlxtune --help` loads no mlx, torch or transformers.
+
+User errors (`MlxtuneError`) print one line, `mlxtune: error: ...`, and exit 2. A command that
+exists in the interface but is not built yet says so and exits 2: never a fake success.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from functools import wraps
+
+import click
+
+from . import __version__
+from .errors import MlxtuneError, NotBuiltError
+
+_ARGV: list[str] | None = None  # set by main(); None when driven in-process (tests, notebooks)
+
+
+class _UserError(click.ClickException):
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"mlxtune: error: {self.message}", err=True)
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except MlxtuneError as e:
+            raise _UserError(str(e)) from None
+
+
+def _not_built(what: str, issue: int) -> None:
+    raise NotBuiltError(f"{what} is not built yet (tracked in issue #{issue})")
+
+
+def mlx_command(fn: Callable) -> Callable:
+    """For commands that run MLX: on Linux, re-exec with OpenBLAS or print how to get it."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        if _ARGV is not None:
+            from .env import use_fast_blas
+
+            hint = use_fast_blas(_ARGV)
+            if hint:
+                click.echo(hint, err=True)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _load(config_path: str | None, overrides: tuple[str, ...]):
+    from .config import load_config
+
+    return load_config(config_path, overrides)
+
+
+set_option = click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a config key, e.g. --set lora.rank=16 (repeatable).",
+)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mlxtune")
+def cli() -> None:
+    """LoRA fine-tuning on Apple Silicon (MLX), with a CUDA twin and a multi-model fusion client."""
+
+
+@cli.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@set_option
+@click.option("--resume", type=click.Path(file_okay=False), help="Continue the run in RUN_DIR.")
+@mlx_command
+def train(config, overrides, resume):
+    """Fine-tune the model described by CONFIG (YAML)."""
+    _load(config, overrides)
+    _not_built("mlxtune train", 3)
+
+
+@cli.command(name="eval")
+@click.argument("config", type=click.Path(dir_okay=False))
+@set_option
+@click.option("--adapter", type=click.Path(file_okay=False), help="Run folder with an adapter.")
+@mlx_command
+def eval_(config, overrides, adapter):
+    """Validation loss, perplexity and exact match for CONFIG's data, as JSON."""
+    _load(config, overrides)
+    _not_built("mlxtune eval", 3)
+
+
+@cli.command()
+@click.option("--model", required=True, help="Model folder or Hugging Face repo id.")
+@click.option("--adapter", type=click.Path(file_okay=False), help="Run folder with an adapter.")
+@click.option("--prompt", required=True, help="User message.")
+@click.option("--image", multiple=True, type=click.Path(dir_okay=False), help="Image file.")
+@click.option("--audio", multiple=True, type=click.Path(dir_okay=False), help="Audio file.")
+@click.option("--max-tokens", default=256, show_default=True, help="Tokens to generate.")
+@mlx_command
+def generate(model, adapter, prompt, image, audio, max_tokens):
+    """Stream a reply from MODEL (optionally with an adapter, images and audio)."""
+    _not_built("mlxtune generate", 3)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("out", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["peft", "mlx-lm", "merged"]), default="peft")
+@mlx_command
+def export(run_dir, out, fmt):
+    """Export RUN_DIR's adapter as PEFT, mlx-lm, or a merged HF model folder."""
+    _not_built("mlxtune export", 3)
+
+
+@cli.group(cls=_Group)
+def data():
+    """Dataset tools: validate, stats, convert, split."""
+
+
+@data.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+def validate(file):
+    """Check every row of FILE (schema, roles, media files, token lengths)."""
+    _not_built("mlxtune data validate", 8)
+
+
+@data.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+def stats(file):
+    """Rows, modalities, token length percentiles, packing fill."""
+    _not_built("mlxtune data stats", 8)
+
+
+@data.command()
+@click.argument("src", type=click.Path(dir_okay=False))
+@click.argument("dst", type=click.Path(dir_okay=False))
+@click.option("--from", "fmt", type=click.Choice(["alpaca", "sharegpt", "csv"]), required=True)
+def convert(src, dst, fmt):
+    """Convert a community dataset format to mlxtune JSONL."""
+    _not_built("mlxtune data convert", 8)
+
+
+@data.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--valid", default=0.05, show_default=True, help="Share of rows for validation.")
+@click.option("--seed", default=0, show_default=True)
+def split(file, valid, seed):
+    """Split FILE into train and validation files."""
+    _not_built("mlxtune data split", 8)
+
+
+@cli.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@set_option
+def plan(config, overrides):
+    """Plan GPU or unified memory for CONFIG before training (Maverick on 24 GB...)."""
+    _load(config, overrides)
+    _not_built("mlxtune plan", 6)
+
+
+@cli.command()
+@mlx_command
+def demo():
+    """Make a tiny model, fine-tune it for a minute, and show it learned."""
+    _not_built("mlxtune demo", 3)
+
+
+@cli.group(cls=_Group)
+def fusion():
+    """Run one prompt through a pool of LLMs and have a judge produce one answer."""
+
+
+@fusion.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("prompt")
+@click.option("--mode", type=click.Choice(["best-of", "merge", "debate", "self"]))
+@click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
+def ask(config, prompt, mode, as_json):
+    """Ask the pool in CONFIG one question."""
+    _load(config, ())
+    _not_built("mlxtune fusion ask", 5)
+
+
+@fusion.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--port", default=8400, show_default=True)
+def serve(config, port):
+    """Serve the pool in CONFIG as an OpenAI-compatible endpoint."""
+    _load(config, ())
+    _not_built("mlxtune fusion serve", 5)
+
+
+@cli.command(name="config")
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@set_option
+@click.option("--keys", is_flag=True, help="List every key with its type, default and help.")
+def config_(config, overrides, keys):
+    """Print the resolved CONFIG (defaults < file < --set), or every key with --keys."""
+    from .config import describe_keys
+
+    if keys:
+        for key, type_name, default, help_text in describe_keys():
+            click.echo(f"{key:<24} {type_name:<36} default {default!r:<14} {help_text}")
+        return
+    click.echo(_load(config, overrides).to_yaml(), nl=False)
+
+
+@cli.command()
+@mlx_command
+def doctor():
+    """Platform, MLX device, BLAS, memory, torch/CUDA and disk: what this machine can do."""
+    from . import env
+
+    for label, value in _doctor_rows(env):
+        click.echo(f"{label:<13} {value}")
+
+
+def _doctor_rows(env) -> list[tuple[str, str]]:
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    def ver(pkg: str) -> str | None:
+        try:
+            return version(pkg)
+        except PackageNotFoundError:
+            return None
+
+    total, available = env.memory_bytes()
+    rows = [
+        ("mlxtune", __version__),
+        ("platform", f"{platform.platform()}, Python {platform.python_version()}"),
+        ("memory", f"{env.gib(total)} total, {env.gib(available)} available"),
+    ]
+    try:
+        import mlx.core as mx
+
+        metal = mx.metal.is_available()
+        a = mx.random.normal((1024, 1024))
+        mx.eval(a @ a)
+        start = time.perf_counter()
+        for _ in range(5):
+            mx.eval(a @ a)
+        gflops = 5 * 2 * 1024**3 / (time.perf_counter() - start) / 1e9
+        rows.append(("mlx", f"{ver('mlx')}, device {mx.default_device()}, Metal: {metal}"))
+        if sys.platform.startswith("linux"):
+            rows.append(("blas", env.blas_in_use()))
+        rows.append(("matmul", f"1024x1024 fp32: {gflops:.1f} GFLOP/s"))
+    except ImportError as e:
+        rows.append(("mlx", f"not importable ({e})"))
+    rows.append(("mlx-lm", ver("mlx-lm") or "not installed"))
+    if ver("torch"):
+        import torch
+
+        cuda = torch.cuda.is_available()
+        gpu = f" ({torch.cuda.get_device_name(0)})" if cuda else ""
+        rows.append(("torch", f"{torch.__version__}, CUDA: {cuda}{gpu}"))
+    else:
+        rows.append(("torch", "not installed (needed only for model.backend: cuda)"))
+    rows.append(("transformers", ver("transformers") or "not installed"))
+    rows.append(("disk", f"{env.gib(env.free_disk_bytes())} free here"))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    global _ARGV
+    _ARGV = list(sys.argv[1:] if argv is None else argv)
+    cli.main(args=_ARGV, prog_name="mlxtune")

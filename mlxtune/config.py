@@ -1,0 +1,401 @@
+"""THE config schema: frozen dataclasses and one loader. Stdlib + PyYAML only.
+
+Precedence: dataclass defaults < YAML file < `--set a.b=value` overrides, merged in
+`load_config()` and nowhere else. Field name = YAML key = `--set` path = adapter_config key.
+Unknown keys fail with a did-you-mean; values are coerced by declared type; cross-field rules
+live in `__post_init__`. Help text lives in field metadata and feeds `mlxtune config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError
+
+
+class Invalid(ValueError):
+    """Raised by `__post_init__`: `key` is the field (in this section) the message is about."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key, self.message = key, message
+
+
+def opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+def _positive(obj: Any, *names: str, allow_zero: bool = False) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and (value < 0 if allow_zero else value <= 0):
+            raise Invalid(name, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    path: str | None = opt(
+        None, "Hugging Face repo id or local folder (config.json, *.safetensors, tokenizer.json)"
+    )
+    backend: Literal["mlx", "cuda"] = opt("mlx", "mlx (Apple Silicon / mlx[cpu]) or cuda (torch)")
+    quantize: Literal[4, 8] | None = opt(None, "Quantize the frozen base to 4 or 8 bits (QLoRA)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
+        "auto", "Compute dtype; auto keeps the checkpoint's"
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    train: str | None = opt(None, "Training JSONL (messages | prompt/completion | text rows)")
+    valid: str | None = opt(None, "Validation JSONL; empty disables validation")
+    max_seq_len: int = opt(2048, "Longest row in tokens, packed or not")
+    packing: bool = opt(True, "Pack several examples per row, attention kept inside each")
+    loss_on: Literal["assistant", "last_assistant", "all"] = opt(
+        "assistant", "Tokens that carry loss: every assistant turn, only the last, or all"
+    )
+    overlong: Literal["truncate", "skip"] = opt(
+        "truncate", "What to do with rows longer than max_seq_len (counted and reported)"
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_seq_len < 8:
+            raise Invalid("max_seq_len", f"must be >= 8, got {self.max_seq_len}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoRAConfig:
+    method: Literal["lora", "dora", "full"] = opt("lora", "lora, dora, or full fine-tuning")
+    rank: int = opt(8, "LoRA rank r")
+    alpha: float = opt(16.0, "LoRA alpha; the update is scaled by alpha / rank")
+    dropout: float = opt(0.0, "Dropout on the LoRA input, in [0, 1)")
+    targets: tuple[str, ...] = opt((), "Module names to adapt; empty = the family's default table")
+    num_layers: int | None = opt(None, "Adapt only the last N decoder layers; null = all")
+
+    def __post_init__(self) -> None:
+        _positive(self, "rank", "alpha", "num_layers")
+        if not 0.0 <= self.dropout < 1.0:
+            raise Invalid("dropout", f"must be in [0, 1), got {self.dropout}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    iters: int | None = opt(None, "Optimizer steps; set this or epochs")
+    epochs: float | None = opt(None, "Passes over the data; iters and epochs both null = 1 epoch")
+    batch_size: int = opt(4, "Rows per micro-batch")
+    grad_accum: int = opt(1, "Micro-batches per optimizer step")
+    learning_rate: float = opt(1e-4, "Peak learning rate (AdamW)")
+    lr_schedule: Literal["cosine", "linear", "constant"] = opt("cosine", "Decay after warmup")
+    warmup_steps: int = opt(0, "Linear warmup steps")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    max_grad_norm: float | None = opt(1.0, "Clip the global gradient norm; null disables")
+    grad_checkpoint: bool = opt(False, "Recompute layer activations in backward to save memory")
+    seed: int = opt(0, "Seed for weights init, data order and dropout")
+    eval_every: int = opt(100, "Validate every N steps; 0 = only at the end")
+    save_every: int = opt(100, "Checkpoint every N steps; 0 = only at the end")
+    report_every: int = opt(10, "Progress line and metrics.jsonl row every N steps")
+
+    def __post_init__(self) -> None:
+        if self.iters is not None and self.epochs is not None:
+            raise Invalid("epochs", "set train.iters or train.epochs, not both")
+        _positive(self, "iters", "epochs", "batch_size", "grad_accum", "learning_rate")
+        _positive(self, "report_every", "max_grad_norm")
+        _positive(self, "warmup_steps", "weight_decay", "eval_every", "save_every", allow_zero=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutputConfig:
+    dir: str = opt("runs/latest", "Run folder: adapter, metrics.jsonl, config.yaml, checkpoints/")
+    overwrite: bool = opt(False, "Replace an existing run folder instead of refusing")
+
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EndpointConfig:
+    name: str = opt("", "Label for this member in tables and traces")
+    base_url: str = opt("", "OpenAI-compatible base URL, e.g. https://openrouter.ai/api/v1")
+    model: str = opt("", "Model id sent in the request")
+    api_key_env: str | None = opt(None, "Name of the environment variable holding the API key")
+    headers: dict[str, str] = field(
+        default_factory=dict, metadata={"help": "Extra HTTP headers (values, never keys)"}
+    )
+    max_tokens: int = opt(1024, "max_tokens sent with every request")
+    temperature: float = opt(0.7, "Sampling temperature")
+    timeout_s: float = opt(120.0, "Total deadline for one call, seconds")
+
+    def __post_init__(self) -> None:
+        for key in ("base_url", "model"):
+            if not getattr(self, key):
+                raise Invalid(key, "required")
+        if self.api_key_env is not None and not _ENV_NAME.match(self.api_key_env):
+            # A literal key here would end up in logs and run folders: refuse it.
+            raise Invalid("api_key_env", "must name an environment variable, not hold a key")
+        _positive(self, "max_tokens", "timeout_s")
+        _positive(self, "temperature", allow_zero=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FusionConfig:
+    mode: Literal["best-of", "merge", "debate", "self"] = opt("best-of", "How answers combine")
+    pool: tuple[EndpointConfig, ...] = opt((), "Members that answer in parallel")
+    judge: EndpointConfig | None = opt(None, "Model that turns the members' answers into one")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults < YAML file < `--set a.b=value` overrides. Raises ConfigError (one line)."""
+    raw: dict[str, Any] = {}
+    where: dict[str, str] = {}  # dotted key -> "file:line" or "--set key=value"
+    if path is not None:
+        raw, where = _read_yaml(Path(path))
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. lora.rank=16")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        _set_dotted(raw, key, value, f"--set {key}")
+        where[key] = f"--set {key}={text}"
+    return _build(Config, raw, "", where)
+
+
+def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}{line}: invalid YAML: {problem}") from None
+    if data is None:
+        return {}, {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}:1: the top level must be a mapping of sections")
+    where: dict[str, str] = {}
+    _record_lines(node, "", str(path), where)
+    return data, where
+
+
+def _record_lines(node: yaml.Node, prefix: str, path: str, where: dict[str, str]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = f"{prefix}{key_node.value}"
+            where[key] = f"{path}:{key_node.start_mark.line + 1}"
+            _record_lines(value_node, key + ".", path, where)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            key = f"{prefix[:-1]}[{i}]"
+            where[key] = f"{path}:{item.start_mark.line + 1}"
+            _record_lines(item, key + ".", path, where)
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any, origin: str) -> None:
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{origin}: {part} is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def _locate(key: str, where: Mapping[str, str]) -> str:
+    """The most specific known place for `key`: itself, else its nearest parent."""
+    probe = key
+    while probe:
+        if probe in where:
+            return f"{where[probe]}: "
+        probe = probe.rpartition(".")[0]
+    return ""
+
+
+def _fail(key: str, message: str, where: Mapping[str, str]) -> ConfigError:
+    return ConfigError(f"{_locate(key, where)}{key}: {message}")
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        keys.append(prefix + f.name)
+        inner = _dataclass_in(typing.get_type_hints(cls)[f.name])
+        if inner is not None:
+            keys += _all_keys(inner, f"{prefix}{f.name}.")
+    return keys
+
+
+def _suggest(section_cls: type, prefix: str, name: str) -> str:
+    """Did-you-mean: a close name in this section, else the same name in another section."""
+    local = [f.name for f in dataclasses.fields(section_cls)]
+    close = difflib.get_close_matches(name, local, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {prefix}{close[0]}?"
+    everywhere = _all_keys(Config)
+    moved = [k for k in everywhere if k.rsplit(".", 1)[-1] == name]
+    if not moved:
+        leaves = {k.rsplit(".", 1)[-1]: k for k in everywhere}
+        near = difflib.get_close_matches(name, list(leaves), n=1, cutoff=0.75)
+        moved = [leaves[near[0]]] if near else []
+    return f"; did you mean {moved[0]}?" if moved else ""
+
+
+def _build(cls: type, raw: Any, prefix: str, where: Mapping[str, str]) -> Any:
+    section = prefix[:-1] or "config"
+    if not isinstance(raw, Mapping):
+        raise _fail(section, f"expected a mapping, got {_describe(raw)}", where)
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            raise _fail(f"{prefix}{key}", f"unknown key{_suggest(cls, prefix, str(key))}", where)
+    values = {k: _coerce(hints[k], v, f"{prefix}{k}", where) for k, v in raw.items()}
+    try:
+        return cls(**values)
+    except Invalid as e:
+        raise _fail(f"{prefix}{e.key}", e.message, where) from None
+
+
+def _dataclass_in(tp: Any) -> type | None:
+    if dataclasses.is_dataclass(tp):
+        return tp
+    for arg in typing.get_args(tp):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}" if value is not None else "null"
+
+
+def _coerce(tp: Any, value: Any, key: str, where: Mapping[str, str]) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _coerce(inner[0], value, key, where)
+    if value is None:
+        raise _fail(key, "must not be null", where)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".", where)
+    if origin is Literal:
+        for choice in args:
+            if value == choice or str(value) == str(choice):
+                return choice
+        options = ", ".join(str(a) for a in args)
+        near = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+        hint = f"; did you mean {near[0]}?" if near else ""
+        raise _fail(key, f"{value!r} is not one of {options}{hint}", where)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            raise _fail(key, f"expected a list, got {_describe(value)}", where)
+        return tuple(_coerce(args[0], v, f"{key}[{i}]", where) for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise _fail(key, f"expected a mapping, got {_describe(value)}", where)
+        return {str(k): _coerce(args[1], v, f"{key}.{k}", where) for k, v in value.items()}
+    return _scalar(tp, value, key, where)
+
+
+def _scalar(tp: type, value: Any, key: str, where: Mapping[str, str]) -> Any:
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _fail(key, f"expected true or false, got {_describe(value)}", where)
+    if isinstance(value, bool | list | dict):
+        raise _fail(key, f"expected {tp.__name__}, got {_describe(value)}", where)
+    if tp is str:
+        return str(value)
+    try:
+        number = float(value)  # YAML reads 1e-5 as a string; declared type decides
+    except (TypeError, ValueError):
+        raise _fail(key, f"expected {tp.__name__}, got {_describe(value)}", where) from None
+    if tp is float:
+        return number
+    if tp is int and number.is_integer():
+        return int(number)
+    raise _fail(key, f"expected an integer, got {value!r}", where)
+
+
+def _plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple | list):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, Mapping):
+        return {k: _plain(v) for k, v in obj.items()}
+    return obj
+
+
+def describe_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type, default, help) for every leaf key: the help `mlxtune config` prints."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += describe_keys(tp, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rows.append((prefix + f.name, _type_name(tp), _plain(default), f.metadata.get("help", "")))
+    return rows
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return " | ".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is tuple:
+        return f"list of {_type_name(args[0])}"
+    if origin is dict:
+        return "mapping"
+    return getattr(tp, "__name__", str(tp)).replace("Config", "").lower() or str(tp)

@@ -1,0 +1,46 @@
+"""Tiny random-weight checkpoints in Hugging Face format, for tests, demos and benchmarks.
+
+`python -m mlxtune.tiny OUT_DIR --arch gemma4|gemma3n|llama4|llama [--seed N]` writes
+`config.json`, `model.safetensors`, the tokenizer files (a small BPE vocab holding the family's
+real special tokens and chat template) and, for multimodal families, the processor configs.
+Each family lives in a module named after its `model_type`; `ARCHS` is derived from the files.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+ARCHS = tuple(
+    sorted(p.stem for p in Path(__file__).parent.glob("*.py") if not p.stem.startswith("_"))
+)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Optional shape overrides; None keeps the family's tiny default."""
+
+    hidden_size: int | None = None
+    num_layers: int | None = None
+    vocab_size: int | None = None  # >= tokenizer size; the extra rows are never produced
+
+
+def make_tiny(out_dir: str | Path, arch: str, seed: int = 0, sizes: Sizes = Sizes()) -> Path:
+    """Write a tiny checkpoint for `arch` into `out_dir` (which must be absent or empty)."""
+    from ._common import build_tokenizer, random_tensors, tokenizer_files, write_folder
+
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    family = importlib.import_module(f"{__name__}.{arch}")
+    spec = family.TOKENIZER
+    tok = build_tokenizer(spec)
+    n_tok = tok.get_vocab_size()
+    vocab_size = sizes.vocab_size or n_tok
+    if vocab_size < n_tok:
+        raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer ({n_tok})")
+    ids = {t: tok.token_to_id(t) for t in spec.special_tokens}
+    ckpt = family.build(ids, vocab_size, sizes)
+    files = {"config.json": ckpt.config, **tokenizer_files(spec, tok), **ckpt.files}
+    tensors = random_tensors(ckpt.params, seed)
+    return write_folder(Path(out_dir), files, tensors)

@@ -1,0 +1,33 @@
+"""python -m mlxtune.tiny OUT_DIR --arch ARCH [--seed N] [--hidden-size H] [--layers L] [--vocab-size V]"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from . import ARCHS, Sizes, make_tiny
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--arch", type=click.Choice(ARCHS), required=True, help="Model family.")
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Weights are a function of it."
+)
+@click.option("--hidden-size", type=int, default=None, help="Override the tiny hidden size.")
+@click.option("--layers", type=int, default=None, help="Override the number of decoder layers.")
+@click.option("--vocab-size", type=int, default=None, help="Pad the model vocab (e.g. 262144).")
+def main(out_dir, arch, seed, hidden_size, layers, vocab_size):
+    """Write a tiny random-weight Hugging Face checkpoint for ARCH into OUT_DIR."""
+    sizes = Sizes(hidden_size=hidden_size, num_layers=layers, vocab_size=vocab_size)
+    try:
+        path = make_tiny(out_dir, arch, seed=seed, sizes=sizes)
+    except (ValueError, FileExistsError) as e:
+        click.echo(f"mlxtune.tiny: error: {e}", err=True)
+        sys.exit(2)
+    click.echo(f"wrote tiny {arch} checkpoint to {path}")
+
+
+if __name__ == "__main__":
+    main()

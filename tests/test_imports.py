@@ -1,0 +1,42 @@
+"""The CLI and the framework-free modules import no mlx, torch or transformers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+HEAVY = ("mlx", "torch", "transformers", "mlx_lm")
+
+
+def heavy_modules_after(code: str) -> list[str]:
+    report = f"print(' '.join(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)"
+    probe = f"import sys\n{code}\n{report}"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    return out.stderr.split()
+
+
+def test_light_imports():
+    code = "import mlxtune, mlxtune.config, mlxtune.cli, mlxtune.env, mlxtune.tiny, fusion, cuda_backend"
+    assert heavy_modules_after(code) == []
+
+
+def test_help_imports_nothing_heavy():
+    code = (
+        "import sys\nfrom mlxtune import cli\n"
+        "try:\n    cli.main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+    )
+    assert heavy_modules_after(code) == []
+
+
+def test_every_subcommand_help_is_light():
+    from mlxtune.cli import cli
+
+    for name, cmd in cli.commands.items():
+        subs = getattr(cmd, "commands", {None: cmd})
+        for sub in subs:
+            args = [name] + ([sub] if sub else []) + ["--help"]
+            code = (
+                "from mlxtune import cli\n"
+                f"try:\n    cli.main({args!r})\nexcept SystemExit as e:\n    assert e.code == 0\n"
+            )
+            assert heavy_modules_after(code) == [], args
