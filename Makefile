@@ -5,6 +5,12 @@ BIN    := $(VENV)/bin
 # mlx[cpu] on Linux bundles a reference BLAS ~50x slower than OpenBLAS; preload Debian's when present.
 OPENBLAS := /usr/lib/$(shell uname -m)-linux-gnu/openblas-pthread/libblas.so.3
 PRELOAD  := $(if $(wildcard $(OPENBLAS)),LD_PRELOAD=$(OPENBLAS),)
+# torchvision + timm for the tests that need them (Gemma 3n's timm vision tower, the Gemma 4 and
+# Llama 4 AutoProcessors), kept OUT of the venv: PyPI's torchvision is built for CUDA torch, fails
+# to import beside the CPU torch, and transformers imports it whenever it is installed.
+# tests/_vision.py puts this folder on PYTHONPATH in a subprocess. Pins match torch 2.13.0.
+VISION_SITE := $(VENV)/vision-site
+VISION_PKGS := torchvision==0.28.0 timm==1.0.31
 
 .PHONY: setup openblas test test-all lint fmt bench
 
@@ -12,6 +18,7 @@ setup: openblas
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps --upgrade --target $(VISION_SITE) $(VISION_PKGS)
 	@$(BIN)/mlxtune --version
 
 # Debian/Ubuntu only, and only with root or passwordless sudo; elsewhere a no-op.

@@ -40,3 +40,11 @@ def test_every_subcommand_help_is_light():
                 f"try:\n    cli.main({args!r})\nexcept SystemExit as e:\n    assert e.code == 0\n"
             )
             assert heavy_modules_after(code) == [], args
+
+
+def test_writing_a_tiny_checkpoint_is_light(tmp_path):
+    """numpy + safetensors + tokenizers only, so a Mac without torch can make one."""
+    code = "\n".join(
+        f"make_tiny({str(tmp_path / arch)!r}, {arch!r})" for arch in ("gemma4", "llama4")
+    )
+    assert heavy_modules_after(f"from mlxtune.tiny import make_tiny\n{code}") == []

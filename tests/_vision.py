@@ -1,0 +1,110 @@
+"""Checks that need torchvision (and timm), each run in its own subprocess.
+
+Why a subprocess: PyPI's torchvision wheel is built against CUDA torch; beside the CPU torch here
+its C++ ops do not load and `import torchvision` fails, and transformers imports torchvision
+whenever it is installed, so installing it in the venv would break every transformers model
+import. `make setup` therefore installs torchvision + timm into `.venv/vision-site`, outside
+sys.path. `run(check, *args)` starts Python with that folder on PYTHONPATH, loads
+`_torchvision_compat` first, calls `check(*args)` from this file and returns what it returned.
+
+Needed by: Gemma 3n's vision tower (timm's MobileNetV5), and the full `AutoProcessor` of Gemma 4
+and Llama 4 (their image processors are torchvision-based).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SITE = Path(sys.prefix) / "vision-site"
+HERE = Path(__file__).resolve().parent
+
+
+def run(check: str, *args: str) -> dict:
+    """Run `check(*args)` in a subprocess with torchvision importable; returns its JSON result."""
+    import pytest
+
+    if not SITE.is_dir():
+        pytest.skip(f"{SITE} is missing: `make setup` installs torchvision + timm there")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SITE), str(HERE)]))
+    cmd = [sys.executable, str(Path(__file__)), check, *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    if proc.returncode != 0:
+        raise AssertionError(f"{check} failed in the vision subprocess:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------ the checks (subprocess side only)
+
+
+def load_and_resave(path: str, auto_class: str) -> dict:
+    """Load with the family's Auto class; compare names/shapes with what save_pretrained writes."""
+    import tempfile
+
+    import transformers
+    from safetensors.numpy import load_file
+
+    model, info = getattr(transformers, auto_class).from_pretrained(path, output_loading_info=True)
+    ours = {k: list(v.shape) for k, v in load_file(str(Path(path) / "model.safetensors")).items()}
+    theirs: dict[str, list[int]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        for f in sorted(Path(tmp).glob("*.safetensors")):
+            theirs |= {k: list(v.shape) for k, v in load_file(str(f)).items()}
+    return {
+        "class": type(model).__name__,
+        "missing": sorted(info["missing_keys"]),
+        "unexpected": sorted(info["unexpected_keys"]),
+        "mismatched": sorted(map(str, info["mismatched_keys"])),
+        "only_ours": sorted(set(ours) - set(theirs)),
+        "only_theirs": sorted(set(theirs) - set(ours)),
+        "shape_differs": sorted(k for k in set(ours) & set(theirs) if ours[k] != theirs[k]),
+    }
+
+
+def processor_forward(path: str, arch: str) -> dict:
+    """AutoProcessor on a chat with an image (and audio where the family has it), then a forward
+    pass of the full model; returns counts the test compares with the family's real numbers."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (768, 1024, 3), dtype=np.uint8))
+    parts = [{"type": "image"}, {"type": "text", "text": "What colour is this image?"}]
+    kwargs: dict = {"images": [image]}
+    if arch in ("gemma4", "gemma3n"):
+        t = np.arange(16_000) / 16_000  # 1 s at 16 kHz
+        kwargs["audio"] = [(0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)]
+        parts.append({"type": "audio"})
+    chat = [{"role": "user", "content": parts}, {"role": "assistant", "content": "Red."}]
+    text = proc.tokenizer.apply_chat_template(chat, tokenize=False)
+    inputs = proc(text=[text], return_tensors="pt", **kwargs)
+    # Llama 4's processor emits bfloat16 pixels (as Meta's code does); this model is float32.
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    ids = inputs["input_ids"]
+    with torch.no_grad():
+        out = model(**inputs, labels=ids)
+    cfg = model.config
+    audio_id = getattr(cfg, "audio_token_id", None)
+    return {
+        "class": type(model).__name__,
+        "image_tokens": int((ids == cfg.image_token_id).sum()),
+        "audio_tokens": int((ids == audio_id).sum()) if audio_id is not None else 0,
+        "logits_shape": list(out.logits.shape),
+        "vocab_size": cfg.text_config.vocab_size,
+        "finite": bool(torch.isfinite(out.logits).all() and torch.isfinite(out.loss)),
+        "pixel_values_shape": list(inputs["pixel_values"].shape),
+    }
+
+
+if __name__ == "__main__":
+    import _torchvision_compat  # noqa: F401  (before anything imports torchvision)
+
+    print(json.dumps(globals()[sys.argv[1]](*sys.argv[2:])))
