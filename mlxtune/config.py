@@ -107,12 +107,17 @@ class TrainConfig:
     eval_every: int = opt(100, "Validate every N steps; 0 = only at the end")
     save_every: int = opt(100, "Checkpoint every N steps; 0 = only at the end")
     report_every: int = opt(10, "Progress line and metrics.jsonl row every N steps")
+    eval_batches: int | None = opt(None, "Validation micro-batches per evaluation; null = all")
+    ce_chunk_tokens: int = opt(
+        256, "Tokens whose logits the loss computes at once; 0 = full logits in one go"
+    )
 
     def __post_init__(self) -> None:
         if self.iters is not None and self.epochs is not None:
             raise Invalid("epochs", "set train.iters or train.epochs, not both")
         _positive(self, "iters", "epochs", "batch_size", "grad_accum", "learning_rate")
-        _positive(self, "report_every", "max_grad_norm")
+        _positive(self, "report_every", "max_grad_norm", "eval_batches")
+        _positive(self, "ce_chunk_tokens", allow_zero=True)
         _positive(self, "warmup_steps", "weight_decay", "eval_every", "save_every", allow_zero=True)
 
 
@@ -120,6 +125,10 @@ class TrainConfig:
 class OutputConfig:
     dir: str = opt("runs/latest", "Run folder: adapter, metrics.jsonl, config.yaml, checkpoints/")
     overwrite: bool = opt(False, "Replace an existing run folder instead of refusing")
+    keep_checkpoints: int = opt(2, "Newest checkpoints kept in checkpoints/; 0 keeps all")
+
+    def __post_init__(self) -> None:
+        _positive(self, "keep_checkpoints", allow_zero=True)
 
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -164,6 +173,12 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
+
+    def __post_init__(self) -> None:
+        if self.lora.method == "full" and self.model.quantize:
+            raise Invalid(
+                "lora.method", "full fine-tuning needs an unquantized model.quantize: null"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(self)

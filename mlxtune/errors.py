@@ -19,3 +19,11 @@ class ConfigError(MlxtuneError, ValueError):
 
 class NotBuiltError(MlxtuneError):
     """A command or option that exists in the interface but has no implementation yet."""
+
+
+class DataError(MlxtuneError, ValueError):
+    """A data file or row is wrong: the message starts with `path:line:` and names the field."""
+
+
+class ModelError(MlxtuneError):
+    """A model folder, checkpoint or adapter is missing or does not fit."""

@@ -268,10 +268,8 @@ def build(ids, vocab_size, sizes):
         "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-6,
         "max_position_embeddings": 32768, "attention_bias": False, "attention_dropout": 0.0,
         "layer_types": layer_types, "sliding_window": 32,  # short: test prompts cross it
-        "rope_parameters": {
-            "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
-        },
+        # The released config.json's legacy keys (mlx-lm reads these; transformers converts them).
+        "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
         "num_kv_shared_layers": n_shared, "laurel_rank": 8, "final_logit_softcapping": 30.0,
         "altup_num_inputs": 4, "altup_active_idx": 0, "altup_coef_clip": 120.0,
         "altup_correct_scale": True,

@@ -378,6 +378,7 @@ def build(ids, vocab_size, sizes):
         "text_config": text_config,
         "vision_config": vision_config,
         "audio_config": audio_config,
+        "vocab_size": vocab_size,  # mlx-lm reads it here (its default is 262144), not text_config
         "image_token_id": ids["<|image|>"],
         "boi_token_id": ids["<|image>"],
         "eoi_token_id": ids["<image|>"],

@@ -121,7 +121,9 @@ def _text(h, n_layers, vocab_size, ids, eos):
         "attn_temperature_tuning": True,
         "floor_scale": 8192,
         "attn_scale": 0.1,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 500_000.0},
+        # Maverick's released keys (mlx-lm reads these; transformers converts them).
+        "rope_theta": 500_000.0,
+        "rope_scaling": None,
         "max_position_embeddings": 1_048_576,
         "rms_norm_eps": 1e-5,
         "attention_bias": False,

@@ -1,0 +1,197 @@
+"""Examples -> micro-batches of numpy arrays. Framework-free.
+
+Each example of n tokens gives n - 1 positions (inputs ids[:-1], targets ids[1:]). With packing,
+first-fit-decreasing fills rows of `max_seq_len` positions with whole examples; a segment id per
+position keeps attention inside its example (0 marks padding). Without packing, examples are
+sorted by length and cut into batches, so a batch pads only to its own longest row. Either way
+the plan of an epoch is a pure function of (seed, epoch): a run resumes by rebuilding it and
+skipping to the saved position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import DataError
+from .encode import Encoded, encode
+from .rows import Row
+
+PAD_MULTIPLE = 32  # batch lengths round up to this, so a compiled step sees few shapes
+
+
+@dataclass
+class DataStats:
+    rows: int = 0
+    truncated: int = 0
+    skipped: int = 0
+    tokens: int = 0
+    loss_tokens: int = 0
+
+    def line(self, name: str, max_seq_len: int) -> str:
+        over = ""
+        if self.truncated or self.skipped:
+            over = f"; over max_seq_len {max_seq_len}: {self.truncated} truncated, "
+            over += f"{self.skipped} skipped"
+        return (
+            f"{name}: {self.rows} rows, {self.tokens:,} tokens "
+            f"({self.loss_tokens:,} with loss){over}"
+        )
+
+
+@dataclass(frozen=True)
+class Dataset:
+    examples: list[Encoded]
+    stats: DataStats = field(default_factory=DataStats)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.array([len(e) - 1 for e in self.examples], dtype=np.int64)
+
+
+def prepare(
+    rows: list[Row],
+    tokenizer,
+    max_seq_len: int,
+    loss_on: str = "assistant",
+    overlong: str = "truncate",
+    stop_ids: frozenset[int] = frozenset(),
+) -> Dataset:
+    """Encode rows; rows over `max_seq_len` are truncated or skipped, and counted."""
+    stats = DataStats(rows=len(rows))
+    examples = []
+    for row in rows:
+        ex = encode(row, tokenizer, loss_on, stop_ids)
+        if len(ex) > max_seq_len:
+            if overlong == "skip":
+                stats.skipped += 1
+                continue
+            stats.truncated += 1
+            ex = Encoded(ex.ids[:max_seq_len], ex.loss[:max_seq_len], ex.where)
+        if len(ex) < 2 or not ex.loss[1:].any():
+            stats.skipped += 1  # nothing left to learn from (truncated away, or too short)
+            continue
+        examples.append(ex)
+        stats.tokens += len(ex)
+        stats.loss_tokens += int(ex.loss[1:].sum())
+    if not examples:
+        where = rows[0].where.rsplit(":", 1)[0] if rows else "data"
+        raise DataError(f"{where}: no row has a target token within max_seq_len {max_seq_len}")
+    return Dataset(examples, stats)
+
+
+def plan_epoch(
+    lengths: np.ndarray,
+    batch_size: int,
+    max_seq_len: int,
+    packing: bool,
+    seed: int,
+    epoch: int,
+    shuffle: bool = True,
+) -> list[list[list[int]]]:
+    """Micro-batches of rows of example indices: [[row, row, ...], ...], each row [i, j, ...]."""
+    order = np.arange(len(lengths))
+    rng = np.random.default_rng([seed, epoch])
+    if shuffle:
+        order = rng.permutation(order)  # ties in length fall in a new order each epoch
+    order = order[np.argsort(-lengths[order], kind="stable")]
+    rows = _first_fit(lengths, order, max_seq_len) if packing else [[int(i)] for i in order]
+    batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    if shuffle:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+def _first_fit(lengths: np.ndarray, order: np.ndarray, capacity: int) -> list[list[int]]:
+    """First-fit decreasing: `order` is longest first; each example goes in the first row with
+    room. Rows are kept sorted by free space only implicitly: a linear scan is fast enough for
+    the row counts of a fine-tuning set, and first-fit is what the bin-packing bounds are for."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        n = int(lengths[i])
+        for r, room in enumerate(free):
+            if n <= room:
+                rows[r].append(int(i))
+                free[r] -= n
+                break
+        else:
+            rows.append([int(i)])
+            free.append(capacity - n)
+    return rows
+
+
+@dataclass(frozen=True)
+class Batch:
+    inputs: np.ndarray  # int32 [B, L]
+    targets: np.ndarray  # int32 [B, L]
+    weights: np.ndarray  # float32 [B, L]: 1 where the target carries loss
+    segments: np.ndarray  # int32 [B, L]: example number within the row, 0 = padding
+
+    @property
+    def loss_tokens(self) -> int:
+        return int(self.weights.sum())
+
+    @property
+    def real_tokens(self) -> int:
+        return int((self.segments > 0).sum())
+
+
+def collate(examples: list[Encoded], rows: list[list[int]], max_seq_len: int) -> Batch:
+    used = [sum(len(examples[i]) - 1 for i in row) for row in rows]
+    length = min(-(-max(used) // PAD_MULTIPLE) * PAD_MULTIPLE, max_seq_len)
+    shape = (len(rows), length)
+    inputs, targets = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+    weights, segments = np.zeros(shape, np.float32), np.zeros(shape, np.int32)
+    for r, row in enumerate(rows):
+        at = 0
+        for s, i in enumerate(row, start=1):
+            ex = examples[i]
+            n = len(ex) - 1
+            inputs[r, at : at + n] = ex.ids[:-1]
+            targets[r, at : at + n] = ex.ids[1:]
+            weights[r, at : at + n] = ex.loss[1:]
+            segments[r, at : at + n] = s
+            at += n
+    return Batch(inputs, targets, weights, segments)
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where the stream stands: the next micro-batch is plan(epoch)[index]."""
+
+    epoch: int = 0
+    index: int = 0
+
+
+class Stream:
+    """Endless micro-batches over epochs, resumable from a Position."""
+
+    def __init__(self, data: Dataset, batch_size: int, max_seq_len: int, packing: bool, seed: int):
+        self.data, self.seed = data, seed
+        self.batch_size, self.max_seq_len, self.packing = batch_size, max_seq_len, packing
+        self._plans: dict[int, list] = {}
+
+    def plan(self, epoch: int) -> list[list[list[int]]]:
+        if epoch not in self._plans:
+            self._plans = {
+                epoch: plan_epoch(
+                    self.data.lengths, self.batch_size, self.max_seq_len, self.packing,
+                    self.seed, epoch,
+                )
+            }  # fmt: skip
+        return self._plans[epoch]
+
+    def take(self, at: Position) -> tuple[Batch, Position]:
+        """The micro-batch at `at`, and the position after it."""
+        plan = self.plan(at.epoch)
+        batch = collate(self.data.examples, plan[at.index], self.max_seq_len)
+        after = Position(at.epoch, at.index + 1)
+        return batch, after if after.index < len(plan) else Position(at.epoch + 1, 0)
+
+
+def ordered_batches(data: Dataset, batch_size: int, max_seq_len: int, packing: bool):
+    """Every example once, in a fixed order: for validation."""
+    plan = plan_epoch(data.lengths, batch_size, max_seq_len, packing, 0, 0, shuffle=False)
+    return [collate(data.examples, rows, max_seq_len) for rows in plan]

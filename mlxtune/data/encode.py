@@ -1,0 +1,121 @@
+"""Rows -> token ids + a loss mask, through the tokenizer's own chat template. Framework-free.
+
+Which tokens carry loss in a chat is found on the rendered text, not by re-tokenizing prefixes:
+an assistant turn k spans from where `render(messages[:k], add_generation_prompt=True)` stops
+agreeing with the full render, to where `render(messages[:k+1])` stops agreeing with it. Using
+the longest common prefix (not "is a prefix") keeps this right for templates whose generation prompt is not a prefix of the finished turn (Gemma 4 26B/31B put an empty thought block there)
+and for turns a tool call leaves open. Tokens overlapping a span (by the tokenizer's character
+offsets) carry loss: the turn's text, its tool calls and its end-of-turn marker.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import DataError
+from .rows import Row
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One example: `loss[i]` says whether token `ids[i]` is a prediction target."""
+
+    ids: np.ndarray  # int32 [n]
+    loss: np.ndarray  # bool [n]
+    where: str
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def encode(
+    row: Row, tokenizer, loss_on: str = "assistant", stop_ids: frozenset[int] = frozenset()
+) -> Encoded:
+    """Encode one row. `tokenizer` is a Hugging Face (fast) tokenizer; `stop_ids` are the
+    model's end-of-turn ids beyond `tokenizer.eos_token_id`."""
+    if row.media:
+        field, kind = row.media[0]
+        raise DataError(
+            f"{row.where}: {field}: {kind} parts need a multimodal model (Gemma 4 or Gemma 3n)"
+        )
+    if row.kind == "text":
+        ids = _with_bos(tokenizer, tokenizer(row.text, add_special_tokens=True)["input_ids"])
+        ids = ids + [tokenizer.eos_token_id]
+        return _encoded(ids, [True] * len(ids), row.where)
+    if not tokenizer.chat_template:
+        if row.kind == "completion":
+            return _plain_completion(row, tokenizer, loss_on)
+        raise DataError(f"{row.where}: messages: the tokenizer has no chat template")
+    return _chat(row, tokenizer, loss_on, stop_ids | {tokenizer.eos_token_id})
+
+
+def _chat(row: Row, tokenizer, loss_on: str, stop_ids: frozenset[int]) -> Encoded:
+    messages = list(row.messages)
+    full = _render(tokenizer, row, messages, generation_prompt=False)
+    if loss_on == "all":
+        spans = [(0, len(full))]
+    else:
+        turns = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+        if not turns:
+            raise DataError(f"{row.where}: messages: no assistant turn to learn from")
+        if loss_on == "last_assistant":
+            turns = turns[-1:]
+        spans = []
+        for k in turns:
+            start = _common_prefix(_render(tokenizer, row, messages[:k], True), full)
+            end = _common_prefix(_render(tokenizer, row, messages[: k + 1], False), full)
+            if end <= start:
+                raise DataError(f"{row.where}: messages[{k}]: the chat template drops this turn")
+            spans.append((start, end))
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = np.asarray(enc["input_ids"], dtype=np.int32)
+    ends = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)[:, 1]
+    loss = np.zeros(len(ids), dtype=bool)
+    for start, end in spans:
+        inside = (ends > start) & (ends <= end)
+        loss |= inside
+        after = np.flatnonzero(ends > end)[:1]
+        if after.size and int(ids[after[0]]) in stop_ids:
+            loss[after] = True
+    return _encoded(ids, loss, row.where)
+
+
+def _render(tokenizer, row: Row, messages: list[dict], generation_prompt: bool) -> str:
+    try:
+        return tokenizer.apply_chat_template(
+            messages,
+            tools=list(row.tools) or None,
+            tokenize=False,
+            add_generation_prompt=generation_prompt,
+        )
+    except Exception as e:  # jinja2 errors, raise_exception() in templates
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{row.where}: messages: the chat template failed: {message}") from None
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    return len(os.path.commonprefix([a, b]))
+
+
+def _plain_completion(row: Row, tokenizer, loss_on: str) -> Encoded:
+    prompt, completion = (m["content"] for m in row.messages)
+    head = _with_bos(tokenizer, tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    tail = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    tail = tail + [tokenizer.eos_token_id]
+    loss = [loss_on == "all"] * len(head) + [True] * len(tail)
+    return _encoded(head + tail, loss, row.where)
+
+
+def _with_bos(tokenizer, ids: list[int]) -> list[int]:
+    bos = tokenizer.bos_token_id
+    return [bos, *ids] if bos is not None and ids[:1] != [bos] else ids
+
+
+def _encoded(ids, loss, where: str) -> Encoded:
+    return Encoded(np.asarray(ids, dtype=np.int32), np.asarray(loss, dtype=bool), where)

@@ -1,0 +1,123 @@
+"""LoRA / DoRA by reversible module surgery on mlx-lm models.
+
+`apply()` swaps the targeted Linear (or QuantizedLinear) layers of the last `num_layers` blocks
+for mlx-lm's `LoRALinear` / `DoRALinear` (`from_base`), whose math is PEFT's: y = W x +
+(alpha / rank) * B A x, with A uniform(+-1/sqrt(in)) and B = 0 at the start; DoRA rescales by a
+learned magnitude over a detached weight norm. `fuse()` turns every adapted layer back into a
+plain layer with the update folded in. `method: full` unfreezes the same blocks instead.
+
+Targets are matched against a module's path inside its block ("self_attn.q_proj" is hit by
+"q_proj" or by "self_attn.q_proj"). An empty `lora.targets` takes the family's row of
+`DEFAULT_TARGETS`, or every linear layer of the block for a family not in the table.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .config import LoRAConfig
+from .errors import ConfigError
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+# model_type -> module names adapted by default: attention and MLP, as Unsloth and most
+# recipes do. Families whose projections are fused or named differently get their own row.
+DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(
+        ("gemma4", "gemma4_text", "gemma3n", "gemma3", "gemma3_text", "gemma2", "gemma"),
+        ATTENTION + MLP,
+    ),
+    **dict.fromkeys(
+        ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "granite"), ATTENTION + MLP
+    ),
+    "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+    "gpt_neox": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+}
+
+LINEAR_TYPES = (nn.Linear, nn.QuantizedLinear)
+
+
+def blocks(model: nn.Module, num_layers: int | None) -> list[tuple[int, nn.Module]]:
+    """(index, block) of the last `num_layers` decoder blocks, or all of them."""
+    layers = list(model.layers)
+    first = 0 if num_layers is None else max(len(layers) - num_layers, 0)
+    return list(enumerate(layers))[first:]
+
+
+def _hits(path: str, targets: tuple[str, ...]) -> bool:
+    return any(path == t or path.endswith("." + t) for t in targets)
+
+
+def apply(model: nn.Module, cfg: LoRAConfig, model_type: str) -> list[str]:
+    """Freeze the model, then adapt the targets; returns the adapted module paths (model-wide)."""
+    model.freeze()
+    chosen = blocks(model, cfg.num_layers)
+    prefix = _layers_prefix(model)
+    if cfg.method == "full":
+        for _, block in chosen:
+            block.unfreeze()
+        return [f"{prefix}.{i}" for i, _ in chosen]
+    targets = cfg.targets or DEFAULT_TARGETS.get(model_type, ())
+    paths = [
+        f"{prefix}.{i}.{path}"
+        for i, block in chosen
+        for path, m in block.named_modules()
+        if isinstance(m, LINEAR_TYPES) and (not targets or _hits(path, targets))
+    ]
+    if not paths:
+        wanted = ", ".join(targets) or "any linear layer"
+        raise ConfigError(f"lora.targets: no module matches ({wanted}) in the model's blocks")
+    swap(model, paths, cfg)
+    return paths
+
+
+def linear_paths(model: nn.Module) -> list[str]:
+    """Every Linear / QuantizedLinear in the model: where an adapter file's modules can go."""
+    return [p for p, m in model.named_modules() if isinstance(m, LINEAR_TYPES)]
+
+
+def swap(model: nn.Module, paths: list[str], cfg: LoRAConfig) -> None:
+    """Replace the layers at `paths` by LoRA (or DoRA) layers wrapping them."""
+    from mlx_lm.tuner.dora import DoRALinear
+    from mlx_lm.tuner.lora import LoRALinear
+
+    layer_cls = DoRALinear if cfg.method == "dora" else LoRALinear
+    modules = dict(model.named_modules())
+    pairs = [
+        (p, layer_cls.from_base(modules[p], r=cfg.rank, dropout=cfg.dropout, scale=cfg.scale))
+        for p in paths
+    ]
+    model.update_modules(tree_unflatten(pairs))
+
+
+def _layers_prefix(model: nn.Module) -> str:
+    """Where `model.layers` lives in the parameter tree ("model.layers", ...)."""
+    first = model.layers[0]
+    for path, module in model.named_modules():
+        if module is first:
+            return path.rsplit(".", 1)[0]
+    raise ValueError("model.layers[0] is not a submodule of the model")
+
+
+def trainable(model: nn.Module) -> dict[str, mx.array]:
+    return dict(tree_flatten(model.trainable_parameters()))
+
+
+def count(params: dict[str, mx.array]) -> int:
+    return sum(int(v.size) for v in params.values())
+
+
+def fuse(model: nn.Module) -> None:
+    """Fold every LoRA/DoRA update into its base layer (dequantizing a quantized base)."""
+    from mlx_lm.tuner.dora import DoRALinear
+    from mlx_lm.tuner.lora import LoRALinear
+
+    adapted = (LoRALinear, DoRALinear)
+    fused = [
+        (p, m.fuse(dequantize=True)) for p, m in model.named_modules() if isinstance(m, adapted)
+    ]
+    if fused:
+        model.update_modules(tree_unflatten(fused))

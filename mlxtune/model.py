@@ -1,0 +1,174 @@
+"""Load an mlx-lm text model for training, and the pieces the trainer needs around it.
+
+- `load()`: mlx-lm's loader (any text model it knows), the compute dtype, optional 4/8-bit
+  quantization of the frozen base (QLoRA), and the tokenizer's stop ids.
+- `PackedAttention`: stands where a KV cache would. mlx-lm models build their attention masks
+  from `cache.make_mask()`, so passing one per layer makes every layer attend only inside its
+  packed example, with no change to the model code. Positions are not restarted: RoPE is
+  relative, so a shifted example attends exactly as it would alone (tests prove it per family).
+- `split_head()`: the model as body (-> final hidden states) + head (-> logits), so the loss
+  can run the head in chunks. Checked against the model's own logits at load time; a model
+  whose head the split does not reproduce falls back to full logits.
+- `checkpoint_layers()`: per-layer gradient checkpointing by swapping each block's class for a
+  subclass whose `__call__` recomputes in backward. Names and weights stay as they are.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import ModelConfig
+from .errors import ModelError
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+QUANT_GROUP_SIZE = 64
+_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+@dataclass
+class Loaded:
+    model: nn.Module
+    tokenizer: Any  # the Hugging Face tokenizer (mlx-lm's wrapper keeps it as `_tokenizer`)
+    wrapper: Any  # mlx-lm's TokenizerWrapper, for generation
+    config: dict
+    path: Path  # the local folder the weights came from
+    stop_ids: frozenset[int]
+
+    @property
+    def model_type(self) -> str:
+        return str(self.config.get("model_type", ""))
+
+
+def resolve_path(path: str | None) -> Path:
+    """A local model folder, or a Hugging Face repo id fetched (or found in the cache)."""
+    if not path:
+        raise ModelError("model.path: not set")
+    local = Path(path).expanduser()
+    if local.exists() or not _REPO_ID.match(path):
+        if not (local / "config.json").is_file():
+            what = "no config.json in" if local.is_dir() else "folder not found:"
+            raise ModelError(f"model.path: {what} {path}")
+        return local
+    from mlx_lm.utils import _download
+
+    try:
+        return Path(_download(path))
+    except Exception as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelError(
+            f"model.path: could not fetch {path} from the Hugging Face hub: {reason}"
+        ) from None
+
+
+def load(cfg: ModelConfig) -> Loaded:
+    from mlx_lm.utils import load as mlx_lm_load
+    from mlx_lm.utils import quantize_model
+
+    path = resolve_path(cfg.path)
+    try:
+        model, wrapper, config = mlx_lm_load(str(path), return_config=True)
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+        reason = str(e).splitlines()[0]
+        raise ModelError(f"model.path: {path}: mlx-lm cannot load this model: {reason}") from None
+    if cfg.dtype != "auto":
+        dtype = DTYPES[cfg.dtype]
+        model.apply(lambda a: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a)
+    if cfg.quantize:
+        if "quantization" in config:
+            raise ModelError(f"model.quantize: {path} is already quantized; set it to null")
+        model, config = quantize_model(model, config, QUANT_GROUP_SIZE, cfg.quantize)
+    mx.eval(model.parameters())
+    stop_ids = frozenset(int(i) for i in wrapper.eos_token_ids)
+    return Loaded(model, wrapper._tokenizer, wrapper, config, path, stop_ids)
+
+
+class PackedAttention:
+    """A stateless stand-in for a KV cache that masks attention to each packed example."""
+
+    offset = 0
+
+    def __init__(self, segments: mx.array):
+        self.segments = segments  # [B, L] int32, 0 = padding
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        return keys, values
+
+    def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None):
+        s = self.segments
+        i = mx.arange(n)
+        causal = i[:, None] >= i[None, :]
+        if window_size is not None:
+            causal = causal & (i[:, None] < i[None, :] + window_size)
+        return ((s[:, :, None] == s[:, None, :]) & causal)[:, None]
+
+
+def packed_cache(model: nn.Module, segments: mx.array) -> list[PackedAttention]:
+    return [PackedAttention(segments)] * len(model.layers)
+
+
+@dataclass(frozen=True)
+class Split:
+    body: Callable[[mx.array, list], mx.array]  # (inputs, cache) -> hidden [B, L, D]
+    head: Callable[[mx.array], mx.array]  # hidden [..., D] -> logits [..., V]
+
+
+def split_head(model: nn.Module) -> Split | None:
+    """Body and head of an mlx-lm model, or None when the split does not reproduce its logits."""
+    lm = model.get("language_model", model)
+    if "model" not in lm or not callable(lm["model"]):
+        return None
+    inner = lm["model"]
+    project = lm["lm_head"] if "lm_head" in lm else getattr(inner, "embed_tokens", None)
+    if project is None:
+        return None
+    project = project if "lm_head" in lm else project.as_linear
+    cap = getattr(lm, "final_logit_softcapping", None)
+    if cap is None:
+        cap = getattr(getattr(lm, "args", None), "final_logit_softcapping", None)
+
+    def head(h: mx.array) -> mx.array:
+        out = project(h)
+        return mx.tanh(out / cap) * cap if cap else out
+
+    def body(inputs: mx.array, cache: list) -> mx.array:
+        return inner(inputs, cache=cache)
+
+    probe = mx.array([[1, 2, 3, 4, 5, 6, 7, 8]]) % _vocab_size(model)
+    try:
+        want = model(probe)
+        got = head(body(probe, None))
+    except Exception:
+        return None
+    if got.shape != want.shape or not mx.allclose(got, want, rtol=1e-4, atol=1e-4).item():
+        return None
+    return Split(body, head)
+
+
+def _vocab_size(model: nn.Module) -> int:
+    args = getattr(model, "args", None)
+    return int(getattr(args, "vocab_size", 0) or 8)
+
+
+def checkpoint_layers(model: nn.Module) -> None:
+    """Recompute each block's activations in backward instead of keeping them."""
+    for layer in model.layers:
+        base = type(layer)
+        if getattr(base, "_mlxtune_checkpointed", False):
+            continue
+
+        def __call__(self, *args, _base=base, **kwargs):
+            def inner(params, *args, **kwargs):
+                self.update(params)
+                return _base.__call__(self, *args, **kwargs)
+
+            return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+
+        attrs = {"__call__": __call__, "_mlxtune_checkpointed": True}
+        layer.__class__ = type(base.__name__, (base,), attrs)

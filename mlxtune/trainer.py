@@ -1,0 +1,309 @@
+"""train() and evaluate(): plain functions, one compiled step, explicit state.
+
+The loss of a step is the mean over every target token of its micro-batches (sum of token
+losses / number of target tokens), so packing, batch size and accumulation do not change it.
+Only positions that carry loss go through the head: the host gathers their indices, so prompt
+tokens cost no [vocab]-wide work.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_map
+
+from . import adapters, checkpoint, lora
+from . import model as model_lib
+from .config import Config, TrainConfig
+from .data.batching import Batch, Dataset, Stream, ordered_batches, prepare
+from .data.rows import read_rows
+from .errors import ConfigError, ModelError
+from .io import atomic_folder
+from .progress import Reporter, read_metrics
+
+GATHER_MULTIPLE = 64  # loss positions pad up to this (or to the chunk), bounding compiled shapes
+
+
+@dataclass
+class Engine:
+    """A model ready to train or evaluate: loaded, adapted, split for the chunked loss."""
+
+    loaded: model_lib.Loaded
+    cfg: Config
+    adapted: list[str]  # MLX module paths that carry LoRA (or whole blocks, for `full`)
+    hf_names: dict[str, str]  # MLX module path -> the checkpoint's module name
+    split: model_lib.Split | None
+
+    @property
+    def model(self) -> nn.Module:
+        return self.loaded.model
+
+    def dataset(self, path: str) -> Dataset:
+        d = self.cfg.data
+        return prepare(read_rows(path), self.loaded.tokenizer, d.max_seq_len, d.loss_on,
+                       d.overlong, self.loaded.stop_ids)  # fmt: skip
+
+    def adapter(self) -> adapters.Adapter:
+        """The trained LoRA tensors in PEFT's layout, under the checkpoint's module names."""
+        params = lora.trainable(self.model)
+        modules = {}
+        for path in self.adapted:
+            m = params.get(f"{path}.m")
+            modules[self.hf_names[path]] = adapters.LoraTensors(
+                np.array(params[f"{path}.lora_a"]).T,
+                np.array(params[f"{path}.lora_b"]).T,
+                None if m is None else np.array(m),
+            )
+        return adapters.Adapter(
+            self.cfg.lora, modules, str(self.cfg.model.path), self.loaded.model_type
+        )
+
+    def write_adapter(self, folder: Path) -> None:
+        if self.cfg.lora.method == "full":
+            mx.save_safetensors(str(folder / "trainable.safetensors"), lora.trainable(self.model))
+        else:
+            adapters.save(folder, self.adapter())
+
+
+def setup(cfg: Config, adapter: str | Path | None = None) -> Engine:
+    """Load the model and adapt it: fresh LoRA layers from cfg.lora, or a saved adapter."""
+    loaded = model_lib.load(cfg.model)
+    mx.random.seed(cfg.train.seed)  # LoRA's A matrices are drawn here
+    if adapter is not None:
+        cfg, adapted, hf_names = _attach(loaded, cfg, Path(adapter))
+    else:
+        adapted = lora.apply(loaded.model, cfg.lora, loaded.model_type)
+        hf_names = {}
+        if cfg.lora.method != "full":
+            theirs = [k.removesuffix(".weight") for k in adapters.tensor_shapes(loaded.path)]
+            hf_names = adapters.match_names(adapted, theirs)
+    if cfg.train.grad_checkpoint:
+        model_lib.checkpoint_layers(loaded.model)
+    chunked = cfg.train.ce_chunk_tokens and cfg.lora.method != "full"
+    split = model_lib.split_head(loaded.model) if chunked else None
+    return Engine(loaded, cfg, adapted, hf_names, split)
+
+
+def _attach(loaded: model_lib.Loaded, cfg: Config, folder: Path):
+    """Put a saved adapter (PEFT layout, or a full fine-tune's weights) onto the model."""
+    model = loaded.model
+    model.freeze()
+    full = folder / "trainable.safetensors"
+    if full.is_file() and not (folder / adapters.WEIGHTS).is_file():
+        model.load_weights(str(full), strict=False)
+        return replace(cfg, lora=replace(cfg.lora, method="full")), [], {}
+    saved = adapters.load(folder)
+    try:
+        to_mlx = adapters.match_names(list(saved.modules), lora.linear_paths(model))
+    except ModelError as e:
+        raise ModelError(f"{folder}: adapter does not match the model: {e}") from None
+    lora.swap(model, list(to_mlx.values()), saved.lora)
+    params = lora.trainable(model)
+    weights = []
+    for hf, path in to_mlx.items():
+        t = saved.modules[hf]
+        pairs = [("lora_a", t.a.T), ("lora_b", t.b.T)] + (
+            [("m", t.magnitude)] * (t.magnitude is not None)
+        )
+        for leaf, value in pairs:
+            if params[f"{path}.{leaf}"].shape != value.shape:
+                raise ModelError(
+                    f"{folder}: adapter does not match the model: {hf}.{leaf} has shape "
+                    f"{value.shape}, the model's layer needs {params[f'{path}.{leaf}'].shape}"
+                )
+            weights.append((f"{path}.{leaf}", mx.array(value)))
+    model.load_weights(weights, strict=False)
+    model.freeze()
+    return replace(cfg, lora=saved.lora), list(to_mlx.values()), {v: k for k, v in to_mlx.items()}
+
+
+def batch_loss(model, split, chunk, inputs, segments, gather, targets, weights) -> mx.array:
+    """Sum of token losses at the gathered positions (weights 0 on padding entries)."""
+    cache = model_lib.packed_cache(model, segments)
+    if split is None:
+        logits = model(inputs, cache=cache)
+        flat = logits.reshape(-1, logits.shape[-1])[gather]
+        ce = nn.losses.cross_entropy(flat.astype(mx.float32), targets, reduction="none")
+        return (ce * weights).sum()
+    hidden = split.body(inputs, cache)
+    hidden = hidden.reshape(-1, hidden.shape[-1])[gather]
+    from .loss import chunked_loss
+
+    return chunked_loss(split.head, chunk)(hidden, targets, weights)
+
+
+def device_arrays(batch: Batch, multiple: int) -> tuple[mx.array, ...]:
+    """The micro-batch on device, with the loss positions gathered on the host."""
+    w = batch.weights.reshape(-1)
+    gather = np.flatnonzero(w)
+    size = -(-len(gather) // multiple) * multiple
+    gather = np.pad(gather, (0, size - len(gather)))
+    weights = np.zeros(size, np.float32)
+    weights[: int((w > 0).sum())] = 1.0
+    targets = batch.targets.reshape(-1)[gather]
+    return tuple(
+        map(mx.array, (batch.inputs, batch.segments, gather.astype(np.int32), targets, weights))
+    )
+
+
+def schedule(t: TrainConfig, total: int) -> Callable:
+    decay = max(total - t.warmup_steps, 1)
+    peak = t.learning_rate
+    main = {
+        "cosine": optim.cosine_decay(peak, decay, 0.0),
+        "linear": optim.linear_schedule(peak, 0.0, decay),
+        "constant": optim.linear_schedule(peak, peak, decay),
+    }[t.lr_schedule]
+    if not t.warmup_steps:
+        return main
+    return optim.join_schedules(
+        [optim.linear_schedule(0.0, peak, t.warmup_steps), main], [t.warmup_steps]
+    )
+
+
+def total_steps(t: TrainConfig, micro_per_epoch: int) -> int:
+    if t.iters:
+        return t.iters
+    return max(1, math.ceil((t.epochs or 1.0) * micro_per_epoch / t.grad_accum))
+
+
+def evaluate(engine: Engine, data: Dataset, max_batches: int | None = None) -> dict:
+    """Validation loss (mean over target tokens) and perplexity."""
+    model, cfg = engine.model, engine.cfg
+    was_training = model.training
+    model.eval()
+    multiple = max(cfg.train.ce_chunk_tokens, GATHER_MULTIPLE)
+    fn = partial(batch_loss, model, engine.split, cfg.train.ce_chunk_tokens)
+    total, tokens = 0.0, 0
+    batches = ordered_batches(data, cfg.train.batch_size, cfg.data.max_seq_len, cfg.data.packing)
+    for batch in batches[:max_batches]:
+        total += fn(*device_arrays(batch, multiple)).item()
+        tokens += batch.loss_tokens
+    model.train(was_training)
+    loss = total / max(tokens, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
+
+
+def prepare_run_dir(cfg: Config, resume: bool) -> Path:
+    run_dir = Path(cfg.output.dir)
+    if resume:
+        if not checkpoint.all_checkpoints(run_dir):
+            raise ModelError(f"{run_dir}: no checkpoint to resume from")
+        return run_dir
+    if run_dir.exists() and any(run_dir.iterdir()) and not cfg.output.overwrite:
+        raise ConfigError(
+            f"output.dir: {run_dir} is not empty; resume it with --resume {run_dir} "
+            "or set output.overwrite=true"
+        )
+    with atomic_folder(run_dir, replace=True) as tmp:
+        (tmp / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+    return run_dir
+
+
+def train(cfg: Config, resume: bool = False, echo: Callable[[str], None] | None = None) -> Path:
+    """Fine-tune as `cfg` says; returns the run folder. `resume` continues cfg.output.dir."""
+    if not cfg.data.train:
+        raise ConfigError("data.train: not set")
+    run_dir = prepare_run_dir(cfg, resume)
+    engine = setup(cfg)
+    model, t = engine.model, cfg.train
+    say = echo or (lambda line: print(line, flush=True))
+    train_data = engine.dataset(cfg.data.train)
+    valid_data = engine.dataset(cfg.data.valid) if cfg.data.valid else None
+    for name, data in (("train", train_data), ("valid", valid_data)):
+        if data is not None:
+            say(data.stats.line(name, cfg.data.max_seq_len))
+    stream = Stream(train_data, t.batch_size, cfg.data.max_seq_len, cfg.data.packing, t.seed)
+    total = total_steps(t, len(stream.plan(0)))
+    optimizer = optim.AdamW(learning_rate=schedule(t, total), weight_decay=t.weight_decay)
+    optimizer.init(model.trainable_parameters())
+    state = checkpoint.RunState()
+    if resume:
+        state = checkpoint.restore(checkpoint.all_checkpoints(run_dir)[-1], model, optimizer)
+        kept = read_metrics(run_dir / "metrics.jsonl", up_to_step=state.step)
+        (run_dir / "metrics.jsonl").write_text("".join(f"{_json(r)}\n" for r in kept))
+        say(f"resuming {run_dir} at step {state.step}/{total}")
+    n_params = lora.count(lora.trainable(model))
+    say(f"training {n_params:,} parameters ({cfg.lora.method}, {len(engine.adapted)} modules), "
+        f"{total} steps" + ("" if engine.split else "; loss on full logits"))  # fmt: skip
+
+    chunk, multiple = t.ce_chunk_tokens, max(t.ce_chunk_tokens, GATHER_MULTIPLE)
+    loss_and_grad = nn.value_and_grad(model, partial(batch_loss, model, engine.split, chunk))
+    # value_and_grad writes the traced parameters into the model: model.state must be an output
+    traced = [model.state, mx.random.state]
+    micro = mx.compile(loss_and_grad, inputs=traced, outputs=traced)
+
+    @partial(
+        mx.compile, inputs=[model.state, optimizer.state], outputs=[model.state, optimizer.state]
+    )
+    def update(grads, inv_tokens):
+        grads = tree_map(lambda g: g * inv_tokens, grads)
+        norm = mx.array(0.0)
+        if t.max_grad_norm:
+            grads, norm = optim.clip_grad_norm(grads, t.max_grad_norm)
+        optimizer.update(model, grads)
+        return norm
+
+    reporter = Reporter(run_dir / "metrics.jsonl", total, say)
+    model.train()
+    mx.reset_peak_memory()
+    window = {"loss": mx.array(0.0), "tokens": 0, "real": 0, "slots": 0, "t0": time.perf_counter()}
+    position, step = state.position, state.step
+    while step < total:
+        step += 1
+        grads, step_tokens = None, 0
+        for _ in range(t.grad_accum):
+            batch, position = stream.take(position)
+            loss, g = micro(*device_arrays(batch, multiple))
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            window["loss"] = window["loss"] + loss
+            step_tokens += batch.loss_tokens
+            window["real"] += batch.real_tokens
+            window["slots"] += batch.inputs.size
+        window["tokens"] += step_tokens
+        norm = update(grads, mx.array(1.0 / step_tokens))
+        mx.eval(model.state, optimizer.state, window["loss"], norm)
+        lr = optimizer.learning_rate  # the rate this step applied
+        if step % t.report_every == 0 or step == total:
+            elapsed = time.perf_counter() - window["t0"]
+            reporter.train(step, window["loss"].item() / window["tokens"], lr.item(),
+                           window["real"] / elapsed, window["real"] / window["slots"],
+                           mx.get_peak_memory() / 1e9, grad_norm=round(norm.item(), 4),
+                           loss_tokens=window["tokens"])  # fmt: skip
+            window = {"loss": mx.array(0.0), "tokens": 0, "real": 0, "slots": 0,
+                      "t0": time.perf_counter()}  # fmt: skip
+        if valid_data is not None and (
+            step == total or (t.eval_every and step % t.eval_every == 0)
+        ):
+            r = evaluate(engine, valid_data, t.eval_batches)
+            reporter.valid(step, r["loss"], r["perplexity"], r["tokens"])
+        if step == total or (t.save_every and step % t.save_every == 0):
+            state = checkpoint.RunState(step, position)
+            checkpoint.save(run_dir, state, model, optimizer, engine.write_adapter,
+                            cfg.output.keep_checkpoints)  # fmt: skip
+    _write_final(run_dir, engine)
+    say(f"done: {run_dir}")
+    return run_dir
+
+
+def _write_final(run_dir: Path, engine: Engine) -> None:
+    with atomic_folder(run_dir / ".final", replace=True) as tmp:
+        engine.write_adapter(tmp)
+    for f in (run_dir / ".final").iterdir():
+        f.replace(run_dir / f.name)
+    (run_dir / ".final").rmdir()
+
+
+def _json(row: dict) -> str:
+    import json
+
+    return json.dumps(row)
