@@ -3,9 +3,9 @@
     adapter_model.safetensors   base_model.model.<hf module>.lora_A.weight   (r, in)    float32
                                 base_model.model.<hf module>.lora_B.weight   (out, r)
                                 base_model.model.<hf module>.lora_magnitude_vector (out,)  DoRA
-    adapter_config.json         PEFT's LoraConfig keys (r, lora_alpha, target_modules = the full
-                                module names, use_dora, ...) plus an "mlxtune" section holding
-                                our own `lora` config under our key names.
+    adapter_config.json         PEFT's LoraConfig keys only (r, lora_alpha, lora_dropout, use_dora,
+                                target_modules = the full module names): PEFT warns about any
+                                other key. The run folder's config.yaml holds the rest.
 
 Module names are the base checkpoint's (Hugging Face) names, so `peft.PeftModel.from_pretrained`
 loads the adapter onto the transformers model. A backend maps its own module paths onto them
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +43,6 @@ class Adapter:
     lora: LoRAConfig
     modules: dict[str, LoraTensors]  # Hugging Face module name -> tensors
     base_model: str = ""
-    model_type: str = ""
 
 
 def tensor_shapes(folder: str | Path) -> dict[str, tuple[int, ...]]:
@@ -117,7 +116,6 @@ def save(folder: Path, adapter: Adapter) -> None:
         "inference_mode": True,
         "init_lora_weights": True,
         "modules_to_save": None,
-        "mlxtune": {"model_type": adapter.model_type, "lora": asdict(lora)},
     }
     (Path(folder) / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
@@ -131,14 +129,12 @@ def load(folder: str | Path) -> Adapter:
             raise ModelError(f"{folder}: no {name}: not an adapter folder")
     try:
         config = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
-        ours = config.get("mlxtune", {}).get("lora") or {
-            "method": "dora" if config.get("use_dora") else "lora",
-            "rank": config["r"],
-            "alpha": config["lora_alpha"],
-            "dropout": config.get("lora_dropout", 0.0),
-        }
-        known = {f.name for f in fields(LoRAConfig)}
-        lora = LoRAConfig(**{k: _tuple(v) for k, v in ours.items() if k in known})
+        lora = LoRAConfig(
+            method="dora" if config.get("use_dora") else "lora",
+            rank=int(config["r"]),
+            alpha=float(config["lora_alpha"]),
+            dropout=float(config.get("lora_dropout") or 0.0),
+        )
     except (ValueError, KeyError, TypeError) as e:
         raise ModelError(f"{folder / CONFIG}: not a readable LoRA config ({e})") from None
     tensors = load_file(str(folder / WEIGHTS))
@@ -153,9 +149,4 @@ def load(folder: str | Path) -> Adapter:
             )
         except KeyError as e:
             raise ModelError(f"{folder / WEIGHTS}: {module}: missing {e.args[0]}") from None
-    return Adapter(lora, modules, config.get("base_model_name_or_path") or "",
-                   config.get("mlxtune", {}).get("model_type", ""))  # fmt: skip
-
-
-def _tuple(v):
-    return tuple(v) if isinstance(v, list) else v
+    return Adapter(lora, modules, config.get("base_model_name_or_path") or "")

@@ -82,7 +82,8 @@ def restore(ckpt: Path, model: nn.Module, optimizer: optim.Optimizer) -> RunStat
         raise ModelError(f"{ckpt}: does not match this model and lora config (first: {diff[0]})")
     model.load_weights(list(weights.items()), strict=False)
     optimizer.state = tree_unflatten(list(moments.items()))
-    mx.random.state[0] = mx.array(info["rng"], dtype=mx.uint32)
+    hi, lo = info["rng"]  # the key is the 64-bit seed in two halves: seeding restores it exactly
+    mx.random.seed((hi << 32) | lo)
     mx.eval(model.parameters(), optimizer.state)
     return RunState(info["step"], Position(info["epoch"], info["index"]))
 

@@ -6,10 +6,12 @@ exists in the interface but is not built yet says so and exits 2: never a fake s
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Callable
 from functools import wraps
+from pathlib import Path
 
 import click
 
@@ -76,25 +78,58 @@ def cli() -> None:
 
 
 @cli.command()
-@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
 @set_option
-@click.option("--resume", type=click.Path(file_okay=False), help="Continue the run in RUN_DIR.")
+@click.option(
+    "--resume",
+    type=click.Path(file_okay=False),
+    help="Continue the run in RUN_DIR from its newest checkpoint (its config.yaml, plus --set).",
+)
 @mlx_command
 def train(config, overrides, resume):
-    """Fine-tune the model described by CONFIG (YAML)."""
-    _load(config, overrides)
-    _not_built("mlxtune train", 3)
+    """Fine-tune the model described by CONFIG (YAML), or resume a run with --resume RUN_DIR."""
+    if resume and config:
+        raise MlxtuneError("give CONFIG or --resume RUN_DIR, not both")
+    if resume:
+        cfg = _load(str(Path(resume) / "config.yaml"), (*overrides, f"output.dir={resume}"))
+    elif config:
+        cfg = _load(config, overrides)
+    else:
+        raise MlxtuneError("CONFIG is required (or --resume RUN_DIR)")
+    from .trainer import train as run
+
+    run(cfg, resume=bool(resume), echo=click.echo)
 
 
 @cli.command(name="eval")
 @click.argument("config", type=click.Path(dir_okay=False))
 @set_option
 @click.option("--adapter", type=click.Path(file_okay=False), help="Run folder with an adapter.")
+@click.option(
+    "--data",
+    "data_file",
+    type=click.Path(dir_okay=False),
+    help="JSONL to score; default data.valid.",
+)
+@click.option(
+    "--max-rows", default=200, show_default=True, help="Rows answered for exact match; 0 skips it."
+)
 @mlx_command
-def eval_(config, overrides, adapter):
-    """Validation loss, perplexity and exact match for CONFIG's data, as JSON."""
-    _load(config, overrides)
-    _not_built("mlxtune eval", 3)
+def eval_(config, overrides, adapter, data_file, max_rows):
+    """Loss, perplexity and exact-match accuracy of CONFIG's model on a data file, as JSON."""
+    cfg = _load(config, overrides)
+    path = data_file or cfg.data.valid
+    if not path:
+        raise MlxtuneError("data.valid: not set; give it in the config or pass --data FILE")
+    from .data.rows import read_rows
+    from .generate import exact_match
+    from .trainer import evaluate, setup
+
+    engine = setup(cfg, adapter)
+    result = {"data": str(path), **evaluate(engine, engine.dataset(path))}
+    if max_rows:
+        result |= exact_match(engine.model, engine.loaded.wrapper, read_rows(path), max_rows)
+    click.echo(json.dumps(result, indent=2))
 
 
 @cli.command()
@@ -104,20 +139,37 @@ def eval_(config, overrides, adapter):
 @click.option("--image", multiple=True, type=click.Path(dir_okay=False), help="Image file.")
 @click.option("--audio", multiple=True, type=click.Path(dir_okay=False), help="Audio file.")
 @click.option("--max-tokens", default=256, show_default=True, help="Tokens to generate.")
+@click.option("--temp", default=0.0, show_default=True, help="Sampling temperature; 0 is greedy.")
 @mlx_command
-def generate(model, adapter, prompt, image, audio, max_tokens):
-    """Stream a reply from MODEL (optionally with an adapter, images and audio)."""
-    _not_built("mlxtune generate", 3)
+def generate(model, adapter, prompt, image, audio, max_tokens, temp):
+    """Stream a reply from MODEL (optionally with an adapter)."""
+    if image or audio:
+        _not_built("--image and --audio in mlxtune generate", 4)
+    from . import generate as gen
+    from . import model as model_lib
+    from .config import Config, ModelConfig
+    from .trainer import attach
+
+    loaded = model_lib.load(ModelConfig(path=model))
+    if adapter:
+        attach(loaded, Config(), Path(adapter))
+    text = gen.user_prompt(loaded.tokenizer, prompt)
+    for piece in gen.stream(loaded.model, loaded.wrapper, text, max_tokens, temp):
+        click.echo(piece, nl=False)
+    click.echo()
 
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.argument("out", type=click.Path())
-@click.option("--format", "fmt", type=click.Choice(["peft", "mlx-lm", "merged"]), default="peft")
+@click.option("--format", "fmt", type=click.Choice(["peft", "mlx-lm", "merged"]), default="peft",
+              show_default=True, help="PEFT adapter, mlx-lm adapter, or a merged HF model folder.")  # fmt: skip
 @mlx_command
 def export(run_dir, out, fmt):
-    """Export RUN_DIR's adapter as PEFT, mlx-lm, or a merged HF model folder."""
-    _not_built("mlxtune export", 3)
+    """Export RUN_DIR's adapter as PEFT, mlx-lm, or a merged Hugging Face model folder."""
+    from .export import export as run
+
+    click.echo(f"wrote {run(run_dir, out, fmt)} ({fmt})")
 
 
 @cli.group(cls=_Group)
@@ -167,10 +219,14 @@ def plan(config, overrides):
 
 
 @cli.command()
+@click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for the tiny model, the data and the run.")  # fmt: skip
 @mlx_command
-def demo():
+def demo(out):
     """Make a tiny model, fine-tune it for a minute, and show it learned."""
-    _not_built("mlxtune demo", 3)
+    from .demo import run
+
+    run(Path(out), click.echo)
 
 
 @cli.group(cls=_Group)

@@ -63,9 +63,7 @@ class Engine:
                 np.array(params[f"{path}.lora_b"]).T,
                 None if m is None else np.array(m),
             )
-        return adapters.Adapter(
-            self.cfg.lora, modules, str(self.cfg.model.path), self.loaded.model_type
-        )
+        return adapters.Adapter(self.cfg.lora, modules, str(self.cfg.model.path))
 
     def write_adapter(self, folder: Path) -> None:
         if self.cfg.lora.method == "full":
@@ -79,7 +77,7 @@ def setup(cfg: Config, adapter: str | Path | None = None) -> Engine:
     loaded = model_lib.load(cfg.model)
     mx.random.seed(cfg.train.seed)  # LoRA's A matrices are drawn here
     if adapter is not None:
-        cfg, adapted, hf_names = _attach(loaded, cfg, Path(adapter))
+        cfg, adapted, hf_names = attach(loaded, cfg, Path(adapter))
     else:
         adapted = lora.apply(loaded.model, cfg.lora, loaded.model_type)
         hf_names = {}
@@ -93,7 +91,7 @@ def setup(cfg: Config, adapter: str | Path | None = None) -> Engine:
     return Engine(loaded, cfg, adapted, hf_names, split)
 
 
-def _attach(loaded: model_lib.Loaded, cfg: Config, folder: Path):
+def attach(loaded: model_lib.Loaded, cfg: Config, folder: Path):
     """Put a saved adapter (PEFT layout, or a full fine-tune's weights) onto the model."""
     model = loaded.model
     model.freeze()
@@ -193,27 +191,25 @@ def evaluate(engine: Engine, data: Dataset, max_batches: int | None = None) -> d
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
 
 
-def prepare_run_dir(cfg: Config, resume: bool) -> Path:
+def check_run_dir(cfg: Config, resume: bool) -> Path:
+    """The run folder, if it may be used: empty, overwritable, or being resumed."""
     run_dir = Path(cfg.output.dir)
     if resume:
         if not checkpoint.all_checkpoints(run_dir):
             raise ModelError(f"{run_dir}: no checkpoint to resume from")
-        return run_dir
-    if run_dir.exists() and any(run_dir.iterdir()) and not cfg.output.overwrite:
+    elif run_dir.exists() and any(run_dir.iterdir()) and not cfg.output.overwrite:
         raise ConfigError(
             f"output.dir: {run_dir} is not empty; resume it with --resume {run_dir} "
             "or set output.overwrite=true"
         )
-    with atomic_folder(run_dir, replace=True) as tmp:
-        (tmp / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
     return run_dir
 
 
 def train(cfg: Config, resume: bool = False, echo: Callable[[str], None] | None = None) -> Path:
     """Fine-tune as `cfg` says; returns the run folder. `resume` continues cfg.output.dir."""
+    run_dir = check_run_dir(cfg, resume)
     if not cfg.data.train:
         raise ConfigError("data.train: not set")
-    run_dir = prepare_run_dir(cfg, resume)
     engine = setup(cfg)
     model, t = engine.model, cfg.train
     say = echo or (lambda line: print(line, flush=True))
@@ -222,6 +218,9 @@ def train(cfg: Config, resume: bool = False, echo: Callable[[str], None] | None 
     for name, data in (("train", train_data), ("valid", valid_data)):
         if data is not None:
             say(data.stats.line(name, cfg.data.max_seq_len))
+    if not resume:  # created only now that the model and the data have loaded
+        with atomic_folder(run_dir, replace=True) as tmp:
+            (tmp / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
     stream = Stream(train_data, t.batch_size, cfg.data.max_seq_len, cfg.data.packing, t.seed)
     total = total_steps(t, len(stream.plan(0)))
     optimizer = optim.AdamW(learning_rate=schedule(t, total), weight_decay=t.weight_decay)
@@ -232,6 +231,8 @@ def train(cfg: Config, resume: bool = False, echo: Callable[[str], None] | None 
         kept = read_metrics(run_dir / "metrics.jsonl", up_to_step=state.step)
         (run_dir / "metrics.jsonl").write_text("".join(f"{_json(r)}\n" for r in kept))
         say(f"resuming {run_dir} at step {state.step}/{total}")
+        if state.step >= total:
+            say(f"nothing to do: the run is at step {state.step}; raise train.iters to go on")
     n_params = lora.count(lora.trainable(model))
     say(f"training {n_params:,} parameters ({cfg.lora.method}, {len(engine.adapted)} modules), "
         f"{total} steps" + ("" if engine.split else "; loss on full logits"))  # fmt: skip

@@ -72,7 +72,7 @@ def _json_lines(path: Path) -> Iterator[tuple[Any, str]]:
             if not line.strip():
                 continue
             try:
-                yield json.loads(line), where
+                yield json.loads(line.rstrip("\r\n")), where
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: invalid JSON: {e.msg} at column {e.colno}") from None
 

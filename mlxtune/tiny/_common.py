@@ -26,11 +26,17 @@ def add(a, b): return a + b  # code {"key": "value", "list": [1, 2, 3]} <html></
 Translate to French: the cat sits on the mat. Le chat est assis sur le tapis.
 Summarise: fine-tuning adapts a pretrained language model to a new task with little data.
 weather today sunny cloudy rain snow wind morning evening night week month year time
+Group: fruit. apple banana cherry mango. Group: animal. cat dog horse tiger.
+Group: tool. hammer saw drill wrench. Group: colour. red green blue yellow.
+fruit
+animal
+tool
+colour
 """
 
 # The tokenizer's learned part is this size unless a family asks otherwise; the model's vocab
 # can be padded past it (benchmarks use the real 262,144) without changing the tokenizer.
-DEFAULT_LEARNED = 384
+DEFAULT_LEARNED = 512
 
 
 @dataclass(frozen=True)
@@ -159,9 +165,15 @@ def tokenizer_files(spec: TokenizerSpec, tok) -> dict[str, dict | str]:
 
 
 def random_tensors(
-    params: dict[str, tuple[tuple[int, ...], str]], seed: int, std: float = 0.02
+    params: dict[str, tuple[tuple[int, ...], str]], seed: int
 ) -> dict[str, np.ndarray]:
-    """Deterministic for a seed: each tensor draws from its own stream keyed by its name."""
+    """Deterministic for a seed: each tensor draws from its own stream keyed by its name.
+
+    Matrices get std 1/sqrt(fan_in) (fan-in: the last axis of a 2-D weight, all but the first
+    of a conv kernel), so activations and logits have the scale of a trained model's: with a
+    fixed 0.02 a 64-wide model's logits span barely 2 nats and nothing it is taught can show.
+    Vectors (biases, embeddings of one row) get 0.02.
+    """
     out = {}
     for name in sorted(params):
         shape, init = params[name]
@@ -170,6 +182,8 @@ def random_tensors(
         elif init == "zeros":
             out[name] = np.zeros(shape, np.float32)
         elif init == "normal":
+            fan_in = shape[-1] if len(shape) == 2 else int(np.prod(shape[1:]))
+            std = 0.02 if len(shape) < 2 else fan_in**-0.5
             key = int.from_bytes(name.encode(), "little") % (2**63)
             rng = np.random.default_rng([seed, key])
             out[name] = (rng.standard_normal(shape, dtype=np.float32) * std).astype(np.float32)

@@ -1,0 +1,200 @@
+"""The MLX engine's behaviour on tiny models: packing, chunked loss, checkpointing, resume,
+quantized bases, full fine-tuning, exports, and that a model actually learns."""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from conftest import DATA, run_overrides
+from mlx.utils import tree_flatten
+
+from mlxtune import trainer
+from mlxtune.config import load_config
+from mlxtune.data.batching import collate
+from mlxtune.progress import read_metrics
+
+
+def engine_for(tiny, tmp_path, arch="llama", *extra):
+    cfg = load_config(None, run_overrides(tiny(arch), tmp_path / "run", *extra))
+    engine = trainer.setup(cfg)
+    return engine, engine.dataset(str(DATA / "chat_train.jsonl"))
+
+
+def loss_and_grads(engine, batch, chunk):
+    model = engine.model
+    split = engine.split if chunk else None
+    fn = nn.value_and_grad(model, partial(trainer.batch_loss, model, split, chunk))
+    loss, grads = fn(*trainer.device_arrays(batch, 64))
+    return loss.item(), {k: np.array(v) for k, v in tree_flatten(grads)}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma4"])
+def test_packed_rows_give_the_loss_of_separate_rows(tiny, tmp_path, arch):
+    engine, data = engine_for(tiny, tmp_path, arch)
+    ex = data.examples
+    packed = trainer.batch_loss(engine.model, engine.split, 16,
+                                *trainer.device_arrays(collate(ex, [[0, 1], [2, 3]], 128), 64))  # fmt: skip
+    alone = sum(
+        trainer.batch_loss(engine.model, engine.split, 16,
+                           *trainer.device_arrays(collate(ex, [[i]], 128), 64)).item()
+        for i in range(4)
+    )  # fmt: skip
+    np.testing.assert_allclose(packed.item(), alone, rtol=1e-5)
+
+
+def test_chunked_loss_equals_full_logits_in_value_and_gradient(tiny, tmp_path):
+    engine, data = engine_for(tiny, tmp_path, "gemma4", "lora.method=dora")
+    batch = collate(data.examples, [[0, 1], [2]], 128)
+    full_loss, full = loss_and_grads(engine, batch, 0)
+    for chunk in (7, 64):
+        loss, grads = loss_and_grads(engine, batch, chunk)
+        np.testing.assert_allclose(loss, full_loss, rtol=1e-5)
+        for k in full:
+            np.testing.assert_allclose(grads[k], full[k], atol=1e-5 * np.abs(full[k]).max())
+
+
+def test_gradient_checkpointing_changes_no_gradient(tiny, tmp_path):
+    plain, data = engine_for(tiny, tmp_path, "gemma4")
+    batch = collate(data.examples, [[0, 1], [2]], 128)
+    want = loss_and_grads(plain, batch, 16)
+    ckpt, _ = engine_for(tiny, tmp_path, "gemma4", "train.grad_checkpoint=true")
+    got = loss_and_grads(ckpt, batch, 16)
+    assert got[0] == pytest.approx(want[0], rel=1e-6)
+    for k in want[1]:
+        np.testing.assert_allclose(got[1][k], want[1][k], rtol=1e-5, atol=1e-8)
+
+
+def test_resume_continues_the_same_loss_curve(tiny, tmp_path):
+    """Stop a run after step 5 (checkpoint at 4), resume it, and compare with a straight run.
+    Dropout is on, so the RNG state has to come back too."""
+    settings = ("lora.dropout=0.1", "train.iters=8", "train.save_every=4", "train.grad_accum=2")
+    straight = trainer.train(
+        load_config(None, run_overrides(tiny("llama"), tmp_path / "a", *settings)),
+        echo=lambda line: None,
+    )
+    cfg = load_config(None, run_overrides(tiny("llama"), tmp_path / "b", *settings))
+
+    def stop_after_step_5(line):
+        if line.startswith("step 5/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(cfg, echo=stop_after_step_5)
+    assert [r["step"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+    resumed = trainer.train(cfg, resume=True, echo=lambda line: None)
+
+    def curve(run):
+        return [
+            (r["step"], r["loss"])
+            for r in read_metrics(run / "metrics.jsonl")
+            if r["kind"] == "train"
+        ]
+
+    assert [s for s, _ in curve(resumed)] == list(range(1, 9))
+    np.testing.assert_allclose(
+        [x for _, x in curve(resumed)], [x for _, x in curve(straight)], rtol=1e-6
+    )
+    a = mx.load(str(straight / "adapter_model.safetensors"))
+    b = mx.load(str(resumed / "adapter_model.safetensors"))
+    assert all(mx.allclose(a[k], b[k], rtol=1e-5, atol=1e-7).item() for k in a)
+
+
+def test_metrics_and_run_folder(trained):
+    run_dir = trained("llama")
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in train_rows] == list(range(1, 9))
+    first = train_rows[0]
+    for key in (
+        "loss",
+        "learning_rate",
+        "tokens_per_s",
+        "real_token_share",
+        "peak_memory_gb",
+        "eta_s",
+    ):
+        assert key in first
+    assert [r["step"] for r in rows if r["kind"] == "valid"] == [8]
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"]
+    names = {p.name for p in run_dir.iterdir()}
+    assert {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "config.yaml",
+        "metrics.jsonl",
+    } <= names
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == [
+        "step-0000004",
+        "step-0000008",
+    ] or sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "step-0000004",
+        "step-0000008",
+    ]
+    config = json.loads((run_dir / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8 and config["peft_type"] == "LORA"
+    assert "model.layers.0.self_attn.q_proj" in config["target_modules"]
+
+
+def test_quantized_base_trains_and_reloads(trained):
+    run_dir = trained("llama", "model.quantize=4")
+    losses = [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"]
+    assert losses[-1] < losses[0]
+    engine = trainer.setup(load_config(run_dir / "config.yaml"), adapter=run_dir)
+    assert any(isinstance(m, nn.QuantizedLinear) for _, m in engine.model.named_modules())
+    out = engine.model(mx.array([[1, 2, 3]]))
+    assert bool(mx.isfinite(out).all())
+
+
+def test_full_finetune_trains_blocks_and_merges(trained, tiny, tmp_path):
+    from mlxtune.export import export
+
+    run_dir = trained("llama", "lora.method=full", "lora.num_layers=1", "train.learning_rate=1e-3")
+    engine = trainer.setup(load_config(run_dir / "config.yaml"), adapter=run_dir)
+    merged = export(run_dir, tmp_path / "merged", "merged")
+    ids = mx.array([[2, 40, 50, 60, 70]])
+    from mlx_lm import load
+
+    reloaded, _ = load(str(merged))
+    np.testing.assert_allclose(np.array(reloaded(ids)), np.array(engine.model(ids)), atol=1e-5)
+    base, _ = load(str(tiny("llama")))
+    assert np.abs(np.array(base(ids)) - np.array(engine.model(ids))).max() > 1e-3
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_mlx_lm_export_loads_in_mlx_lm(trained, tiny, tmp_path, method):
+    from mlx_lm import load
+
+    from mlxtune.export import export
+
+    run_dir = trained("gemma4", f"lora.method={method}")
+    out = export(run_dir, tmp_path / "mlx", "mlx-lm")
+    theirs, _ = load(str(tiny("gemma4")), adapter_path=str(out))
+    ours = trainer.setup(load_config(run_dir / "config.yaml"), adapter=run_dir)
+    ids = mx.array([[2, 40, 50, 60, 70, 80]])
+    np.testing.assert_allclose(np.array(theirs(ids)), np.array(ours.model(ids)), atol=1e-5)
+
+
+def test_a_tiny_model_learns_a_held_out_task(tiny, tmp_path):
+    """The demo task: the group of the words in the prompt, on rows never trained on."""
+    from mlxtune import demo
+    from mlxtune.data.rows import read_rows
+    from mlxtune.generate import exact_match
+
+    train_file, valid_file = demo.write_task(tmp_path / "data")
+    overrides = [f"model.path={tiny('llama')}", f"output.dir={tmp_path / 'run'}",
+                 f"data.train={train_file}", f"data.valid={valid_file}", "train.iters=60",
+                 "train.batch_size=8", "train.learning_rate=3e-3", "train.warmup_steps=10",
+                 "train.eval_every=0", "train.save_every=0", "data.max_seq_len=128"]  # fmt: skip
+    cfg = load_config(None, overrides)
+    before = trainer.setup(cfg)
+    rows = read_rows(valid_file)
+    assert exact_match(before.model, before.loaded.wrapper, rows)["exact_match"] < 0.3
+    run_dir = trainer.train(cfg, echo=lambda line: None)
+    after = trainer.setup(cfg, adapter=run_dir)
+    result = exact_match(after.model, after.loaded.wrapper, rows)
+    assert result["exact_match_rows"] == 48 and result["exact_match"] >= 0.85, result
