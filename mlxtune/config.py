@@ -109,7 +109,7 @@ class TrainConfig:
     report_every: int = opt(10, "Progress line and metrics.jsonl row every N steps")
     eval_batches: int | None = opt(None, "Validation micro-batches per evaluation; null = all")
     ce_chunk_tokens: int = opt(
-        256, "Tokens whose logits the loss computes at once; 0 = full logits in one go"
+        128, "Tokens whose logits the loss computes at once; 0 = full logits in one go"
     )
 
     def __post_init__(self) -> None:

@@ -124,8 +124,9 @@ def attach(loaded: model_lib.Loaded, cfg: Config, folder: Path):
     return replace(cfg, lora=saved.lora), list(to_mlx.values()), {v: k for k, v in to_mlx.items()}
 
 
-def batch_loss(model, split, chunk, inputs, segments, gather, targets, weights) -> mx.array:
-    """Sum of token losses at the gathered positions (weights 0 on padding entries)."""
+def batch_loss(model, split, chunk, inputs, segments, gather, targets, weights, grad=True):
+    """Sum of token losses at the gathered positions (weights 0 on padding entries).
+    `grad=False` skips the chunked loss's gradient work (evaluation)."""
     cache = model_lib.packed_cache(model, segments)
     if split is None:
         logits = model(inputs, cache=cache)
@@ -136,7 +137,7 @@ def batch_loss(model, split, chunk, inputs, segments, gather, targets, weights) 
     hidden = hidden.reshape(-1, hidden.shape[-1])[gather]
     from .loss import chunked_loss
 
-    return chunked_loss(split.head, chunk)(hidden, targets, weights)
+    return chunked_loss(split.head, chunk, grad)(hidden, targets, weights)
 
 
 def device_arrays(batch: Batch, multiple: int) -> tuple[mx.array, ...]:
@@ -180,7 +181,7 @@ def evaluate(engine: Engine, data: Dataset, max_batches: int | None = None) -> d
     was_training = model.training
     model.eval()
     multiple = max(cfg.train.ce_chunk_tokens, GATHER_MULTIPLE)
-    fn = partial(batch_loss, model, engine.split, cfg.train.ce_chunk_tokens)
+    fn = partial(batch_loss, model, engine.split, cfg.train.ce_chunk_tokens, grad=False)
     total, tokens = 0.0, 0
     batches = ordered_batches(data, cfg.train.batch_size, cfg.data.max_seq_len, cfg.data.packing)
     for batch in batches[:max_batches]:
@@ -279,7 +280,8 @@ def train(cfg: Config, resume: bool = False, echo: Callable[[str], None] | None 
             reporter.train(step, window["loss"].item() / window["tokens"], lr.item(),
                            window["real"] / elapsed, window["real"] / window["slots"],
                            mx.get_peak_memory() / 1e9, grad_norm=round(norm.item(), 4),
-                           loss_tokens=window["tokens"])  # fmt: skip
+                           loss_tokens=window["tokens"], real_tokens=window["real"],
+                           elapsed_s=round(elapsed, 4))  # fmt: skip
             window = {"loss": mx.array(0.0), "tokens": 0, "real": 0, "slots": 0,
                       "t0": time.perf_counter()}  # fmt: skip
         if valid_data is not None and (

@@ -1,0 +1,201 @@
+"""mlxtune vs `mlx_lm lora` on the same Gemma-4-shaped model and data, side by side in one run.
+
+    python benchmarks/bench_text_lora.py [--rows 160] [--layers 4] [--hidden 256] [--work DIR]
+
+The model is a tiny-but-realistic Gemma 4 checkpoint (default 4 layers, hidden 256) with the
+real 262,144-token vocabulary, so the [tokens x vocab] logits cost what they cost on the real
+model. The data are single-turn chats of 20 to 1,000 tokens, loss on the answers. Both tools get
+the same targets (attention + MLP), rank, scale, layers and about the same tokens per step
+(mlx-lm: 4 rows padded; mlxtune: 2 packed rows of 1,024), and each trains exactly one epoch.
+
+Training time is summed from each tool's own report windows (model loading excluded, compiling
+included, as a user waits for it). Real tokens/s = the data's tokens / that time, the same
+number for both, because mlx-lm's own "Tokens/sec" counts only loss tokens. Peak memory is
+MLX's own peak (each tool reports it) and the process's maximum resident set. Prints the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]  # fmt: skip
+RANK, ALPHA, LR, MAX_LEN = 8, 16, 1e-4, 1024
+
+# Each side runs in its own process, which reports its own peak RSS (KiB on Linux, B on macOS).
+CHILD = """
+import resource, sys, json
+try:
+    {body}
+finally:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print("MAXRSS_BYTES", rss if sys.platform == "darwin" else rss * 1024, flush=True)
+"""
+
+
+def make_data(folder: Path, model: Path, rows: int, seed: int) -> dict:
+    """Single-turn chats whose rendered length is spread over 20..1000 tokens."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    words = [
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "lazy",
+        "dog",
+        "weather",
+        "today",
+        "sunny",
+        "cloudy",
+        "rain",
+        "model",
+    ]
+    rng = np.random.default_rng(seed)
+    lines, real = [], 0
+    while len(lines) < rows:
+        target = int(rng.integers(20, 1001))
+        q = " ".join(rng.choice(words, max(1, int(target * rng.uniform(0.2, 0.8)) // 2)))
+        a = " ".join(rng.choice(words, max(1, target // 2 - len(q.split()))))
+        chat = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        text = tok.apply_chat_template(chat, tokenize=False)
+        n = len(tok(text, add_special_tokens=False)["input_ids"])
+        if 20 <= n <= 1000:
+            lines.append(json.dumps({"messages": chat}))
+            real += n
+    for name in ("train", "valid"):
+        (folder / f"{name}.jsonl").write_text(
+            "\n".join(lines if name == "train" else lines[:4]) + "\n"
+        )
+    return {"rows": rows, "real_tokens": real}
+
+
+def run_child(body: str, env: dict) -> tuple[str, int]:
+    code = CHILD.format(body=body.strip().replace("\n", "\n    "))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        sys.exit(f"benchmark child failed:\n{out.stderr[-3000:]}")
+    rss = int(re.search(r"MAXRSS_BYTES (\d+)", out.stdout).group(1))
+    return out.stdout, rss
+
+
+def run_mlxtune(work: Path, model: Path, env: dict) -> dict:
+    overrides = [
+        f"model.path={model}", f"data.train={work / 'data' / 'train.jsonl'}",
+        f"output.dir={work / 'mlxtune-run'}", "output.overwrite=true",
+        f"data.max_seq_len={MAX_LEN}", "data.packing=true", f"lora.rank={RANK}",
+        f"lora.alpha={ALPHA}", f"lora.targets={','.join(TARGETS)}", "train.epochs=1",
+        "train.batch_size=2", f"train.learning_rate={LR}", "train.report_every=5",
+        "train.eval_every=0", "train.save_every=0",
+    ]  # fmt: skip
+    body = f"""
+from mlxtune.config import load_config
+from mlxtune.trainer import train
+train(load_config(None, {overrides!r}), echo=lambda line: None)
+"""
+    _, rss = run_child(body, env)
+    rows = [
+        json.loads(x) for x in (work / "mlxtune-run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    rows = [r for r in rows if r["kind"] == "train"]
+    return {
+        "seconds": sum(r["elapsed_s"] for r in rows),
+        "steps": rows[-1]["step"],
+        "mlx_peak_gb": max(r["peak_memory_gb"] for r in rows),
+        "rss_gb": rss / 1e9,
+        "final_loss": rows[-1]["loss"],
+        "real_share": sum(r["real_tokens"] for r in rows)
+        / sum(r["real_tokens"] / r["real_token_share"] for r in rows),
+    }
+
+
+def run_mlx_lm(work: Path, model: Path, rows: int, env: dict) -> dict:
+    iters = rows // 4  # batch 4: every row once
+    config = {
+        "model": str(model), "train": True, "data": str(work / "data"),
+        "fine_tune_type": "lora", "num_layers": -1, "batch_size": 4, "iters": iters,
+        "val_batches": 1, "learning_rate": LR, "steps_per_report": 5,
+        "steps_per_eval": 10**9, "save_every": 10**9, "max_seq_length": MAX_LEN,
+        "mask_prompt": True, "grad_checkpoint": False, "seed": 0,
+        "adapter_path": str(work / "mlx-lm-run"),
+        "lora_parameters": {"keys": TARGETS, "rank": RANK, "scale": ALPHA / RANK, "dropout": 0.0},
+    }  # fmt: skip
+    path = work / "mlx_lm.yaml"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    # mlx_lm.lora's own argument handling (parser, config merge, defaults, as its main() does),
+    # plus a callback: its trainer reports tokens/s, trained tokens and peak memory through it.
+    body = f"""
+import types, yaml, json
+import mlx_lm.lora as L
+from mlx_lm.tuner.callbacks import TrainingCallback
+class Record(TrainingCallback):
+    def on_train_loss_report(self, info):
+        print("REPORT", json.dumps({{k: getattr(v, "tolist", lambda: v)() for k, v in info.items()}}), flush=True)
+args = vars(L.build_parser().parse_args(["-c", {str(path)!r}]))
+for k, v in yaml.load(open({str(path)!r}), L.yaml_loader).items():
+    args[k] = v if args.get(k) is None else args[k]
+for k, v in L.CONFIG_DEFAULTS.items():
+    args[k] = v if args.get(k) is None else args[k]
+L.run(types.SimpleNamespace(**args), training_callback=Record())
+"""
+    stdout, rss = run_child(body, env)
+    reports = [json.loads(line[7:]) for line in stdout.splitlines() if line.startswith("REPORT ")]
+    if not reports:
+        sys.exit(f"mlx_lm lora reported nothing:\n{stdout[-2000:]}")
+    seconds, before = 0.0, 0
+    for r in reports:  # each window: its loss tokens at its own tokens/s
+        seconds += (r["trained_tokens"] - before) / r["tokens_per_second"]
+        before = r["trained_tokens"]
+    return {"seconds": seconds, "steps": reports[-1]["iteration"],
+            "mlx_peak_gb": max(r["peak_memory"] for r in reports), "rss_gb": rss / 1e9,
+            "final_loss": reports[-1]["train_loss"]}  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=160, help="training rows (a multiple of 4)")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
+    args = p.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from mlxtune.tiny import Sizes, make_tiny
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="mlxtune-bench-"))
+    model = work / "gemma4"
+    if not model.exists():
+        make_tiny(model, "gemma4", sizes=Sizes(args.hidden, args.layers, 262_144))
+    (work / "data").mkdir(parents=True, exist_ok=True)
+    data = make_data(work / "data", model, args.rows - args.rows % 4, seed=0)
+    env = {**os.environ, "MLXTUNE_NO_REEXEC": "1"}
+    ours = run_mlxtune(work, model, env)
+    theirs = run_mlx_lm(work, model, data["rows"], env)
+    real = data["real_tokens"]
+    print(f"Gemma-4-shaped model: {args.layers} layers, hidden {args.hidden}, vocab 262,144; "
+          f"{data['rows']} chats, {real:,} tokens, one epoch each")  # fmt: skip
+    print(
+        f"{'':14}{'real tok/s':>12}{'train s':>10}{'steps':>7}{'MLX peak GB':>13}{'max RSS GB':>12}{'loss':>8}"
+    )
+    for name, r in (("mlx_lm lora", theirs), ("mlxtune", ours)):
+        print(f"{name:14}{real / r['seconds']:>12,.0f}{r['seconds']:>10.1f}{r['steps']:>7}"
+              f"{r['mlx_peak_gb']:>13.2f}{r['rss_gb']:>12.2f}{r['final_loss']:>8.3f}")  # fmt: skip
+    print(f"mlxtune / mlx_lm: throughput {theirs['seconds'] / ours['seconds']:.2f}x, "
+          f"MLX peak memory {ours['mlx_peak_gb'] / theirs['mlx_peak_gb']:.2f}x, "
+          f"max RSS {ours['rss_gb'] / theirs['rss_gb']:.2f}x; "
+          f"mlxtune real-token share {ours['real_share']:.1%}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
