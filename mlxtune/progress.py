@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,19 +32,15 @@ class Reporter:
     def __init__(self, metrics_path: Path, total_steps: int, echo: Callable[[str], None] | None):
         self.path, self.total = Path(metrics_path), total_steps
         self.echo = echo if echo is not None else (lambda line: print(line, file=sys.stderr))
-        self.started = time.perf_counter()
-        self.first_step: int | None = None
 
     def log(self, row: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
     def train(self, step: int, loss: float, lr: float, tokens_per_s: float, real: float,
-              peak_gb: float, **extra) -> None:  # fmt: skip
-        if self.first_step is None:
-            self.first_step = step - 1  # a resumed run times only its own steps
-        done = step - self.first_step
-        eta = (time.perf_counter() - self.started) / max(done, 1) * (self.total - step)
+              peak_gb: float, seconds_per_step: float, **extra) -> None:  # fmt: skip
+        """One training report; the ETA comes from the latest window's pace."""
+        eta = seconds_per_step * (self.total - step)
         row = {"kind": "train", "step": step, "loss": round(loss, 6), "learning_rate": lr,
                "tokens_per_s": round(tokens_per_s, 1), "real_token_share": round(real, 4),
                "peak_memory_gb": round(peak_gb, 3), "eta_s": round(eta, 1), **extra}  # fmt: skip
@@ -60,6 +55,12 @@ class Reporter:
         self.log({"kind": "valid", "step": step, "loss": round(loss, 6),
                   "perplexity": round(perplexity, 4), "tokens": tokens})  # fmt: skip
         self.echo(f"step {step}: validation loss {loss:.3f}  perplexity {perplexity:.2f}")
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop rows after `step` (a resumed run redoes those steps)."""
+    kept = read_metrics(path, up_to_step=step)
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
 
 
 def read_metrics(path: Path, up_to_step: int | None = None) -> list[dict]:

@@ -28,7 +28,7 @@ from .data.batching import Batch, Dataset, Stream, ordered_batches, prepare
 from .data.rows import read_rows
 from .errors import ConfigError, ModelError
 from .io import atomic_folder
-from .progress import Reporter, read_metrics
+from .progress import Reporter, truncate_metrics
 
 GATHER_MULTIPLE = 64  # loss positions pad up to this (or to the chunk), bounding compiled shapes
 
@@ -229,8 +229,7 @@ def train(cfg: Config, resume: bool = False, echo: Callable[[str], None] | None 
     state = checkpoint.RunState()
     if resume:
         state = checkpoint.restore(checkpoint.all_checkpoints(run_dir)[-1], model, optimizer)
-        kept = read_metrics(run_dir / "metrics.jsonl", up_to_step=state.step)
-        (run_dir / "metrics.jsonl").write_text("".join(f"{_json(r)}\n" for r in kept))
+        truncate_metrics(run_dir / "metrics.jsonl", state.step)  # steps after it are redone
         say(f"resuming {run_dir} at step {state.step}/{total}")
         if state.step >= total:
             say(f"nothing to do: the run is at step {state.step}; raise train.iters to go on")
@@ -258,7 +257,7 @@ def train(cfg: Config, resume: bool = False, echo: Callable[[str], None] | None 
     reporter = Reporter(run_dir / "metrics.jsonl", total, say)
     model.train()
     mx.reset_peak_memory()
-    window = {"loss": mx.array(0.0), "tokens": 0, "real": 0, "slots": 0, "t0": time.perf_counter()}
+    window = _window()
     position, step = state.position, state.step
     while step < total:
         step += 1
@@ -272,6 +271,7 @@ def train(cfg: Config, resume: bool = False, echo: Callable[[str], None] | None 
             window["real"] += batch.real_tokens
             window["slots"] += batch.inputs.size
         window["tokens"] += step_tokens
+        window["steps"] += 1
         norm = update(grads, mx.array(1.0 / step_tokens))
         mx.eval(model.state, optimizer.state, window["loss"], norm)
         lr = optimizer.learning_rate  # the rate this step applied
@@ -279,11 +279,10 @@ def train(cfg: Config, resume: bool = False, echo: Callable[[str], None] | None 
             elapsed = time.perf_counter() - window["t0"]
             reporter.train(step, window["loss"].item() / window["tokens"], lr.item(),
                            window["real"] / elapsed, window["real"] / window["slots"],
-                           mx.get_peak_memory() / 1e9, grad_norm=round(norm.item(), 4),
-                           loss_tokens=window["tokens"], real_tokens=window["real"],
-                           elapsed_s=round(elapsed, 4))  # fmt: skip
-            window = {"loss": mx.array(0.0), "tokens": 0, "real": 0, "slots": 0,
-                      "t0": time.perf_counter()}  # fmt: skip
+                           mx.get_peak_memory() / 1e9, elapsed / window["steps"],
+                           grad_norm=round(norm.item(), 4), loss_tokens=window["tokens"],
+                           real_tokens=window["real"], elapsed_s=round(elapsed, 4))  # fmt: skip
+            window = _window()
         if valid_data is not None and (
             step == total or (t.eval_every and step % t.eval_every == 0)
         ):
@@ -306,7 +305,7 @@ def _write_final(run_dir: Path, engine: Engine) -> None:
     (run_dir / ".final").rmdir()
 
 
-def _json(row: dict) -> str:
-    import json
-
-    return json.dumps(row)
+def _window() -> dict:
+    """Running sums between two progress reports."""
+    return {"loss": mx.array(0.0), "tokens": 0, "real": 0, "slots": 0, "steps": 0,
+            "t0": time.perf_counter()}  # fmt: skip

@@ -198,3 +198,21 @@ def test_a_tiny_model_learns_a_held_out_task(tiny, tmp_path):
     after = trainer.setup(cfg, adapter=run_dir)
     result = exact_match(after.model, after.loaded.wrapper, rows)
     assert result["exact_match_rows"] == 48 and result["exact_match"] >= 0.85, result
+
+
+def test_epochs_set_the_number_of_steps(tiny, tmp_path):
+    """train.epochs: every example once per epoch; steps = ceil(epochs * micro-batches / accum)."""
+    from mlxtune.data.batching import Stream
+
+    cfg = load_config(None, run_overrides(tiny("llama"), tmp_path / "run", "train.iters=null",
+                                          "train.epochs=1.5", "train.grad_accum=2"))  # fmt: skip
+    engine = trainer.setup(cfg)
+    data = engine.dataset(cfg.data.train)
+    micro = len(Stream(data, 2, 128, True, 0).plan(0))
+    expected = -(-3 * micro // 4)  # ceil(1.5 * micro / 2)
+    assert trainer.total_steps(cfg.train, micro) == expected
+    seen = [i for batch in Stream(data, 2, 128, True, 0).plan(0) for row in batch for i in row]
+    assert sorted(seen) == list(range(len(data.examples)))
+    run_dir = trainer.train(cfg, echo=lambda line: None)
+    steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"]
+    assert steps[-1] == expected

@@ -2,8 +2,9 @@
 
 Each example of n tokens gives n - 1 positions (inputs ids[:-1], targets ids[1:]). With packing,
 first-fit-decreasing fills rows of `max_seq_len` positions with whole examples; a segment id per
-position keeps attention inside its example (0 marks padding). Without packing, examples are
-sorted by length and cut into batches, so a batch pads only to its own longest row. Either way
+position keeps attention inside its example (0 marks padding). Without packing, each example is
+a row. Rows are sorted by length before they are cut into batches (whose order is then
+shuffled), so a batch pads only to its own longest row. Either way
 the plan of an epoch is a pure function of (seed, epoch): a run resumes by rebuilding it and
 skipping to the saved position.
 """
@@ -97,6 +98,9 @@ def plan_epoch(
         order = rng.permutation(order)  # ties in length fall in a new order each epoch
     order = order[np.argsort(-lengths[order], kind="stable")]
     rows = _first_fit(lengths, order, max_seq_len) if packing else [[int(i)] for i in order]
+    # Rows of similar fill share a batch, which pads only to its longest row.
+    used = np.array([sum(int(lengths[i]) for i in row) for row in rows])
+    rows = [rows[i] for i in np.argsort(-used, kind="stable")]
     batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
     if shuffle:
         batches = [batches[i] for i in rng.permutation(len(batches))]
@@ -105,8 +109,7 @@ def plan_epoch(
 
 def _first_fit(lengths: np.ndarray, order: np.ndarray, capacity: int) -> list[list[int]]:
     """First-fit decreasing: `order` is longest first; each example goes in the first row with
-    room. Rows are kept sorted by free space only implicitly: a linear scan is fast enough for
-    the row counts of a fine-tuning set, and first-fit is what the bin-packing bounds are for."""
+    room (a linear scan: fast enough for the row counts of a fine-tuning set)."""
     rows: list[list[int]] = []
     free: list[int] = []
     for i in order:
