@@ -44,5 +44,9 @@ fmt:
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Side-by-side with the anchors; ~20 minutes on a 2-core CPU (bench_text_lora ~15 of them).
 bench:
 	$(PRELOAD) $(BIN)/python benchmarks/bench_blas.py
+	$(PRELOAD) $(BIN)/python benchmarks/bench_packing.py
+	$(PRELOAD) $(BIN)/python benchmarks/bench_loss.py
+	$(PRELOAD) $(BIN)/python benchmarks/bench_text_lora.py --rows 48
