@@ -20,6 +20,7 @@ from .errors import ModelError
 from .io import atomic_folder
 
 FORMATS = ("peft", "mlx-lm", "merged")
+CONV1D_FAMILIES = ("gpt2", "gpt_bigcode")  # weights stored transposed on disk
 
 
 def run_config(run_dir: Path) -> Config:
@@ -105,8 +106,12 @@ def _merged(run_dir: Path, cfg: Config, tmp: Path) -> None:
     from .model import resolve_path
 
     src = resolve_path(cfg.model.path)
-    if "quantization" in json.loads((src / "config.json").read_text(encoding="utf-8")):
+    config = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    if "quantization" in config:
         raise ModelError(f"{src}: a quantized checkpoint cannot take a merged update")
+    if config.get("model_type") in CONV1D_FAMILIES:  # square layers would merge silently wrong
+        raise ModelError(f"{src}: {config['model_type']} stores Conv1D (in, out) weights; "
+                         "merged export supports Linear (out, in) layouts only")  # fmt: skip
     for f in src.iterdir():
         if f.is_file() and f.suffix != ".safetensors":
             shutil.copy2(f, tmp / f.name)
@@ -134,6 +139,9 @@ def _updates(run_dir: Path, cfg: Config, names: list[str]) -> dict:
     scale = saved.lora.scale
 
     def fold(old, t: adapters.LoraTensors):
+        if old.shape != (t.b.shape[0], t.a.shape[1]):
+            raise ModelError(f"cannot merge a ({t.b.shape[0]}, {t.a.shape[1]}) update into a "
+                             f"{tuple(old.shape)} weight")  # fmt: skip
         w = old.astype(mx.float32) + scale * (mx.array(t.b) @ mx.array(t.a))
         if t.magnitude is not None:  # DoRA: rescale each output row to the learned magnitude
             w = w * (mx.array(t.magnitude) / mx.linalg.norm(w, axis=1))[:, None]

@@ -5,7 +5,8 @@
 - `PackedAttention`: stands where a KV cache would. mlx-lm models build their attention masks
   from `cache.make_mask()`, so passing one per layer makes every layer attend only inside its
   packed example, with no change to the model code. Positions are not restarted: RoPE is
-  relative, so a shifted example attends exactly as it would alone (tests prove it per family).
+  relative, so a shifted example attends exactly as it would alone. `packs_exactly()` checks
+  that on the loaded model (learned absolute positions fail it, and packing is then turned off).
 - `split_head()`: the model as body (-> final hidden states) + head (-> logits), so the loss
   can run the head in chunks. Checked against the model's own logits at load time; a model
   whose head the split does not reproduce falls back to full logits.
@@ -111,6 +112,23 @@ class PackedAttention:
 
 def packed_cache(model: nn.Module, segments: mx.array) -> list[PackedAttention]:
     return [PackedAttention(segments)] * len(model.layers)
+
+
+def packs_exactly(model: nn.Module) -> bool:
+    """Whether two sequences packed in one row give the logits they give alone.
+
+    True for RoPE models (attention depends on relative positions only); False for learned
+    absolute positions, or a model whose layers do not take the mask (recurrent layers)."""
+    vocab = _vocab_size(model)
+    a, b = mx.arange(1, 9)[None] % vocab, mx.arange(11, 17)[None] % vocab
+    segments = mx.array([[1] * 8 + [2] * 6])
+    try:
+        alone = mx.concatenate([model(a), model(b)], axis=1).astype(mx.float32)
+        packed = model(mx.concatenate([a, b], axis=1), cache=packed_cache(model, segments))
+        gap = mx.abs(packed.astype(mx.float32) - alone).max()
+        return bool(gap <= 1e-2 * mx.abs(alone).max() + 1e-4)
+    except Exception:
+        return False
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -42,6 +42,8 @@ class Engine:
     adapted: list[str]  # MLX module paths that carry LoRA (or whole blocks, for `full`)
     hf_names: dict[str, str]  # MLX module path -> the checkpoint's module name
     split: model_lib.Split | None
+    masked: bool = True  # the model takes the packed-attention mask (see packs_exactly)
+    notes: list[str] = field(default_factory=list)  # told to the user before training
 
     @property
     def model(self) -> nn.Module:
@@ -75,6 +77,7 @@ class Engine:
 def setup(cfg: Config, adapter: str | Path | None = None) -> Engine:
     """Load the model and adapt it: fresh LoRA layers from cfg.lora, or a saved adapter."""
     loaded = model_lib.load(cfg.model)
+    notes: list[str] = []  # things the user should hear about
     mx.random.seed(cfg.train.seed)  # LoRA's A matrices are drawn here
     if adapter is not None:
         cfg, adapted, hf_names = attach(loaded, cfg, Path(adapter))
@@ -88,7 +91,11 @@ def setup(cfg: Config, adapter: str | Path | None = None) -> Engine:
         model_lib.checkpoint_layers(loaded.model)
     chunked = cfg.train.ce_chunk_tokens and cfg.lora.method != "full"
     split = model_lib.split_head(loaded.model) if chunked else None
-    return Engine(loaded, cfg, adapted, hf_names, split)
+    masked = model_lib.packs_exactly(loaded.model)
+    if cfg.data.packing and not masked:
+        cfg = replace(cfg, data=replace(cfg.data, packing=False))
+        notes.append("packing off: packed examples do not match them run alone for this model")
+    return Engine(loaded, cfg, adapted, hf_names, split, masked, notes)
 
 
 def attach(loaded: model_lib.Loaded, cfg: Config, folder: Path):
@@ -124,10 +131,13 @@ def attach(loaded: model_lib.Loaded, cfg: Config, folder: Path):
     return replace(cfg, lora=saved.lora), list(to_mlx.values()), {v: k for k, v in to_mlx.items()}
 
 
-def batch_loss(model, split, chunk, inputs, segments, gather, targets, weights, grad=True):
+def batch_loss(model, split, chunk, inputs, segments, gather, targets, weights, grad=True,
+               masked=True):  # fmt: skip
     """Sum of token losses at the gathered positions (weights 0 on padding entries).
-    `grad=False` skips the chunked loss's gradient work (evaluation)."""
-    cache = model_lib.packed_cache(model, segments)
+    `grad=False` skips the chunked loss's gradient work (evaluation). `masked=False` runs the
+    model without the packed-attention mask: rows then hold one example each, right-padded, and
+    causal attention never lets a real token see the padding after it."""
+    cache = model_lib.packed_cache(model, segments) if masked else None
     if split is None:
         logits = model(inputs, cache=cache)
         flat = logits.reshape(-1, logits.shape[-1])[gather]
@@ -181,7 +191,8 @@ def evaluate(engine: Engine, data: Dataset, max_batches: int | None = None) -> d
     was_training = model.training
     model.eval()
     multiple = max(cfg.train.ce_chunk_tokens, GATHER_MULTIPLE)
-    fn = partial(batch_loss, model, engine.split, cfg.train.ce_chunk_tokens, grad=False)
+    chunk = cfg.train.ce_chunk_tokens
+    fn = partial(batch_loss, model, engine.split, chunk, grad=False, masked=engine.masked)
     total, tokens = 0.0, 0
     batches = ordered_batches(data, cfg.train.batch_size, cfg.data.max_seq_len, cfg.data.packing)
     for batch in batches[:max_batches]:
@@ -212,8 +223,11 @@ def train(cfg: Config, resume: bool = False, echo: Callable[[str], None] | None 
     if not cfg.data.train:
         raise ConfigError("data.train: not set")
     engine = setup(cfg)
+    cfg = engine.cfg  # setup may turn packing off for a model that cannot pack
     model, t = engine.model, cfg.train
     say = echo or (lambda line: print(line, flush=True))
+    for note in engine.notes:
+        say(f"note: {note}")
     train_data = engine.dataset(cfg.data.train)
     valid_data = engine.dataset(cfg.data.valid) if cfg.data.valid else None
     for name, data in (("train", train_data), ("valid", valid_data)):
@@ -238,7 +252,8 @@ def train(cfg: Config, resume: bool = False, echo: Callable[[str], None] | None 
         f"{total} steps" + ("" if engine.split else "; loss on full logits"))  # fmt: skip
 
     chunk, multiple = t.ce_chunk_tokens, max(t.ce_chunk_tokens, GATHER_MULTIPLE)
-    loss_and_grad = nn.value_and_grad(model, partial(batch_loss, model, engine.split, chunk))
+    step_loss = partial(batch_loss, model, engine.split, chunk, masked=engine.masked)
+    loss_and_grad = nn.value_and_grad(model, step_loss)
     # value_and_grad writes the traced parameters into the model: model.state must be an output
     traced = [model.state, mx.random.state]
     micro = mx.compile(loss_and_grad, inputs=traced, outputs=traced)

@@ -213,3 +213,46 @@ def test_epochs_set_the_number_of_steps(tiny, tmp_path):
     run_dir = trainer.train(cfg, echo=lambda line: None)
     steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"]
     assert steps[-1] == expected
+
+
+def test_absolute_positions_turn_packing_off_and_still_train(tiny, tmp_path):
+    """GPT-2 learns absolute position embeddings: examples packed into one row would see
+    shifted positions. The load-time probe notices, packing goes off, training still works."""
+    import shutil
+
+    torch = pytest.importorskip("torch")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path / "gpt2"
+    config = GPT2Config(vocab_size=640, n_positions=256, n_embd=64, n_layer=2, n_head=4)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    # As the released gpt2 files are: "n_ctx" in the config, no "transformer." prefix on the
+    # tensor names, the tied head not stored (mlx-lm's loader expects exactly that).
+    saved = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**saved, "n_ctx": 256}))
+    from safetensors.numpy import load_file, save_file
+
+    weights = load_file(str(folder / "model.safetensors"))
+    save_file({k.removeprefix("transformer."): v for k, v in weights.items() if "lm_head" not in k},
+              str(folder / "model.safetensors"), metadata={"format": "pt"})  # fmt: skip
+    for f in tiny("llama").iterdir():  # the tiny Llama's tokenizer and chat template
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, folder / f.name)
+    assert trainer.setup(load_config(None, run_overrides(tiny("llama"), tmp_path / "r"))).masked
+    cfg = load_config(None, run_overrides(folder, tmp_path / "run", "lora.targets=c_attn,c_fc"))
+    engine = trainer.setup(cfg)
+    assert not engine.masked and not engine.cfg.data.packing
+    assert any("packing off" in note for note in engine.notes)
+    lines: list[str] = []
+    run_dir = trainer.train(cfg, echo=lines.append)
+    assert any(line.startswith("note: packing off") for line in lines)
+    losses = [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"]
+    assert losses[-1] < losses[0]
+    assert "packing: false" in (run_dir / "config.yaml").read_text()
+    from mlxtune.errors import ModelError
+    from mlxtune.export import export
+
+    with pytest.raises(ModelError, match=r"gpt2 stores Conv1D \(in, out\) weights"):
+        export(run_dir, tmp_path / "merged", "merged")
+    assert not (tmp_path / "merged").exists()
