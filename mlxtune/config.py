@@ -66,6 +66,9 @@ class DataConfig:
     overlong: Literal["truncate", "skip"] = opt(
         "truncate", "What to do with rows longer than max_seq_len (counted and reported)"
     )
+    image_soft_tokens: Literal[70, 140, 280, 560, 1120] | None = opt(
+        None, "Gemma 4: soft tokens per image (more = finer detail); null = the processor's, 280"
+    )
 
     def __post_init__(self) -> None:
         if self.max_seq_len < 8:

@@ -26,6 +26,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ModelConfig
+from .data.media import MediaPlan
 from .errors import ModelError
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -45,6 +46,12 @@ class Loaded:
     @property
     def model_type(self) -> str:
         return str(self.config.get("model_type", ""))
+
+    def media_plan(self, image_soft_tokens: int | None = None) -> MediaPlan | None:
+        """How this model takes images and audio; None for a text-only model."""
+        if not hasattr(self.model, "embed"):
+            return None
+        return MediaPlan.from_checkpoint(self.path, self.config, image_soft_tokens)
 
 
 def resolve_path(path: str | None) -> Path:
@@ -85,6 +92,10 @@ def load(cfg: ModelConfig) -> Loaded:
         if "quantization" in config:
             raise ModelError(f"model.quantize: {path} is already quantized; set it to null")
         model, config = quantize_model(model, config, QUANT_GROUP_SIZE, cfg.quantize)
+    from .models import gemma4
+
+    if gemma4.is_multimodal(config):  # the towers stay unquantized, in the compute dtype
+        model = gemma4.wrap(model, config, path)
     mx.eval(model.parameters())
     stop_ids = frozenset(int(i) for i in wrapper.eos_token_ids)
     return Loaded(model, wrapper._tokenizer, wrapper, config, path, stop_ids)
@@ -133,7 +144,7 @@ def packs_exactly(model: nn.Module) -> bool:
 
 @dataclass(frozen=True)
 class Split:
-    body: Callable[[mx.array, list], mx.array]  # (inputs, cache) -> hidden [B, L, D]
+    body: Callable[..., mx.array]  # (inputs, cache, media) -> hidden [B, L, D]
     head: Callable[[mx.array], mx.array]  # hidden [..., D] -> logits [..., V]
 
 
@@ -155,7 +166,11 @@ def split_head(model: nn.Module) -> Split | None:
         out = project(h)
         return mx.tanh(out / cap) * cap if cap else out
 
-    def body(inputs: mx.array, cache: list) -> mx.array:
+    hidden = getattr(model, "hidden", None)  # a multimodal model puts the media in first
+
+    def body(inputs: mx.array, cache: list, media: dict | None = None) -> mx.array:
+        if hidden is not None:
+            return hidden(inputs, cache=cache, media=media)
         return inner(inputs, cache=cache)
 
     probe = mx.array([[1, 2, 3, 4, 5, 6, 7, 8]]) % _vocab_size(model)

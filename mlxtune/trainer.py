@@ -25,6 +25,7 @@ from . import adapters, checkpoint, lora
 from . import model as model_lib
 from .config import Config, TrainConfig
 from .data.batching import Batch, Dataset, Stream, ordered_batches, prepare
+from .data.media import MediaPlan
 from .data.rows import read_rows
 from .errors import ConfigError, ModelError
 from .io import atomic_folder
@@ -49,10 +50,14 @@ class Engine:
     def model(self) -> nn.Module:
         return self.loaded.model
 
+    @property
+    def media(self) -> MediaPlan | None:
+        return self.loaded.media_plan(self.cfg.data.image_soft_tokens)
+
     def dataset(self, path: str) -> Dataset:
         d = self.cfg.data
         return prepare(read_rows(path), self.loaded.tokenizer, d.max_seq_len, d.loss_on,
-                       d.overlong, self.loaded.stop_ids)  # fmt: skip
+                       d.overlong, self.loaded.stop_ids, self.media)  # fmt: skip
 
     def adapter(self) -> adapters.Adapter:
         """The trained LoRA tensors in PEFT's layout, under the checkpoint's module names."""
@@ -131,19 +136,20 @@ def attach(loaded: model_lib.Loaded, cfg: Config, folder: Path):
     return replace(cfg, lora=saved.lora), list(to_mlx.values()), {v: k for k, v in to_mlx.items()}
 
 
-def batch_loss(model, split, chunk, inputs, segments, gather, targets, weights, grad=True,
-               masked=True):  # fmt: skip
+def batch_loss(model, split, chunk, inputs, segments, gather, targets, weights, media,
+               grad=True, masked=True):  # fmt: skip
     """Sum of token losses at the gathered positions (weights 0 on padding entries).
-    `grad=False` skips the chunked loss's gradient work (evaluation). `masked=False` runs the
-    model without the packed-attention mask: rows then hold one example each, right-padded, and
-    causal attention never lets a real token see the padding after it."""
+    `media` is the batch's images and audio (an empty dict for text). `grad=False` skips the
+    chunked loss's gradient work (evaluation). `masked=False` runs the model without the
+    packed-attention mask: rows then hold one example each, right-padded, and causal attention
+    never lets a real token see the padding after it."""
     cache = model_lib.packed_cache(model, segments) if masked else None
     if split is None:
-        logits = model(inputs, cache=cache)
+        logits = model(inputs, cache=cache, **({"media": media} if media else {}))
         flat = logits.reshape(-1, logits.shape[-1])[gather]
         ce = nn.losses.cross_entropy(flat.astype(mx.float32), targets, reduction="none")
         return (ce * weights).sum()
-    hidden = split.body(inputs, cache)
+    hidden = split.body(inputs, cache, media)
     hidden = hidden.reshape(-1, hidden.shape[-1])[gather]
     from .loss import chunked_loss
 
@@ -159,9 +165,8 @@ def device_arrays(batch: Batch, multiple: int) -> tuple[mx.array, ...]:
     weights = np.zeros(size, np.float32)
     weights[: int((w > 0).sum())] = 1.0
     targets = batch.targets.reshape(-1)[gather]
-    return tuple(
-        map(mx.array, (batch.inputs, batch.segments, gather.astype(np.int32), targets, weights))
-    )
+    arrays = (batch.inputs, batch.segments, gather.astype(np.int32), targets, weights)
+    return (*map(mx.array, arrays), {k: mx.array(v) for k, v in batch.media.items()})
 
 
 def schedule(t: TrainConfig, total: int) -> Callable:

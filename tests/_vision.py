@@ -104,6 +104,33 @@ def processor_forward(path: str, arch: str) -> dict:
     }
 
 
+def gemma4_processor_ids(path: str, jsonl: str, budget: str) -> dict:
+    """input_ids from Gemma4Processor for each chat row of a JSONL file (media paths relative to
+    it; clips read as 16 kHz mono by mlxtune, since resampling is not what is compared here)."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from mlxtune.data.media import AudioSpec, read_audio
+
+    proc = AutoProcessor.from_pretrained(path)
+    folder = Path(jsonl).parent
+    out = []
+    for line in Path(jsonl).read_text().splitlines():
+        messages = json.loads(line)["messages"]
+        parts = [p for m in messages if isinstance(m["content"], list) for p in m["content"]]
+        images = [Image.open(folder / p["image"]).convert("RGB") for p in parts
+                  if p["type"] == "image"]  # fmt: skip
+        audio = [read_audio(folder / p["audio"], "", AudioSpec()) for p in parts
+                 if p["type"] == "audio"]  # fmt: skip
+        text = proc.tokenizer.apply_chat_template(messages, tokenize=False)
+        kwargs = {"images": [images]} if images else {}
+        if audio:
+            kwargs["audio"] = audio
+        enc = proc(text=[text], images_kwargs={"max_soft_tokens": int(budget)}, **kwargs)
+        out.append([int(i) for i in enc["input_ids"][0]])
+    return {"ids": out}
+
+
 if __name__ == "__main__":
     import _torchvision_compat  # noqa: F401  (before anything imports torchvision)
 

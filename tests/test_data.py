@@ -89,8 +89,10 @@ def test_media_parts_are_read_but_need_a_multimodal_model(tok):
                       {"role": "assistant", "content": "red"}]},
         "d.jsonl:4",
     )  # fmt: skip
-    assert row.media == [("messages[0].content[0]", "image")]
-    with pytest.raises(DataError, match=r"^d.jsonl:4: messages\[0\].content\[0\]: image parts"):
+    assert row.media == [("messages[0].content[0].image", "image", "cat.png")]
+    with pytest.raises(
+        DataError, match=r"^d.jsonl:4: messages\[0\].content\[0\].image: image parts"
+    ):
         encode(row, tok)
 
 

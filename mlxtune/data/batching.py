@@ -17,9 +17,11 @@ import numpy as np
 
 from ..errors import DataError
 from .encode import Encoded, encode
+from .media import MediaItem, MediaPlan, pool_index
 from .rows import Row
 
 PAD_MULTIPLE = 32  # batch lengths round up to this, so a compiled step sees few shapes
+AUDIO_FRAME_MULTIPLE = 96  # mel frames of a batch of clips round up to this (0.96 s)
 
 
 @dataclass
@@ -58,18 +60,20 @@ def prepare(
     loss_on: str = "assistant",
     overlong: str = "truncate",
     stop_ids: frozenset[int] = frozenset(),
+    media: MediaPlan | None = None,
 ) -> Dataset:
-    """Encode rows; rows over `max_seq_len` are truncated or skipped, and counted."""
+    """Encode rows; rows over `max_seq_len` are truncated (never through an image or a clip) or
+    skipped, and counted."""
     stats = DataStats(rows=len(rows))
     examples = []
     for row in rows:
-        ex = encode(row, tokenizer, loss_on, stop_ids)
+        ex = encode(row, tokenizer, loss_on, stop_ids, media)
         if len(ex) > max_seq_len:
             if overlong == "skip":
                 stats.skipped += 1
                 continue
             stats.truncated += 1
-            ex = Encoded(ex.ids[:max_seq_len], ex.loss[:max_seq_len], ex.where)
+            ex = ex.truncate(max_seq_len)
         if len(ex) < 2 or not ex.loss[1:].any():
             stats.skipped += 1  # nothing left to learn from (truncated away, or too short)
             continue
@@ -131,6 +135,7 @@ class Batch:
     targets: np.ndarray  # int32 [B, L]
     weights: np.ndarray  # float32 [B, L]: 1 where the target carries loss
     segments: np.ndarray  # int32 [B, L]: example number within the row, 0 = padding
+    media: dict[str, np.ndarray] = field(default_factory=dict)  # see media_arrays()
 
     @property
     def loss_tokens(self) -> int:
@@ -147,6 +152,7 @@ def collate(examples: list[Encoded], rows: list[list[int]], max_seq_len: int) ->
     shape = (len(rows), length)
     inputs, targets = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
     weights, segments = np.zeros(shape, np.float32), np.zeros(shape, np.int32)
+    placed = []  # (flat position of the begin token, item), in batch order
     for r, row in enumerate(rows):
         at = 0
         for s, i in enumerate(row, start=1):
@@ -156,8 +162,72 @@ def collate(examples: list[Encoded], rows: list[list[int]], max_seq_len: int) ->
             targets[r, at : at + n] = ex.ids[1:]
             weights[r, at : at + n] = ex.loss[1:]
             segments[r, at : at + n] = s
+            placed += [(r * length + at + m.start, m) for m in ex.media]
             at += n
-    return Batch(inputs, targets, weights, segments)
+    media = media_arrays(placed, inputs.size) if placed else {}
+    return Batch(inputs, targets, weights, segments, media)
+
+
+def media_arrays(placed: list[tuple[int, MediaItem]], positions: int) -> dict[str, np.ndarray]:
+    """The media of a micro-batch as the model takes them.
+
+    `source[p]` is the row of [token embeddings (one per position); image soft tokens; audio soft
+    tokens] that position p takes: itself, or the next soft token in batch order. Images are
+    padded to a shared patch count (padding positions -1), clips to a shared frame count; both
+    counts and the number of images / clips are rounded up, so a compiled step sees few shapes.
+    """
+    source = np.arange(positions, dtype=np.int32)
+    out: dict[str, np.ndarray] = {}
+    base = positions
+    for kind, pack in (("image", _pack_images), ("audio", _pack_audio)):
+        items = [(p, m) for p, m in placed if m.kind == kind]
+        if not items:
+            continue
+        arrays, take = pack([m for _, m in items])
+        soft = np.concatenate([np.arange(p + 1, p + 1 + m.tokens) for p, m in items])
+        source[soft] = base + np.arange(len(soft))
+        base += len(soft)
+        out |= arrays | {f"{kind}_take": take}
+    out["source"] = source
+    return out
+
+
+def _bucket(n: int, multiple: int) -> int:
+    return max(-(-n // multiple) * multiple, multiple)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _pack_images(items: list[MediaItem]):
+    loaded = [m.arrays() for m in items]
+    k = items[0].spec.pooling_kernel_size
+    n, patches = _pow2(len(items)), _bucket(max(len(p) for p, _ in loaded), k * k * 16)
+    tokens = patches // (k * k)
+    pixels = np.zeros((n, patches, loaded[0][0].shape[1]), np.uint8)
+    positions = np.full((n, patches, 2), -1, np.int32)
+    pool = np.zeros((n, tokens, k * k), np.int32)
+    take = []
+    for i, ((p, pos), item) in enumerate(zip(loaded, items, strict=True)):
+        pixels[i, : len(p)], positions[i, : len(p)] = p, pos
+        index = pool_index(pos, k)
+        pool[i, : len(index)] = index
+        take.append(i * tokens + np.arange(item.tokens))
+    arrays = {"image_patches": pixels, "image_positions": positions, "image_pool": pool}
+    return arrays, np.concatenate(take).astype(np.int32)
+
+
+def _pack_audio(items: list[MediaItem]):
+    loaded = [m.arrays() for m in items]
+    n, frames = _pow2(len(items)), _bucket(max(len(f) for f, _ in loaded), AUDIO_FRAME_MULTIPLE)
+    features = np.zeros((n, frames, loaded[0][0].shape[1]), np.float32)
+    valid = np.zeros((n, frames), bool)
+    for i, (f, v) in enumerate(loaded):
+        features[i, : len(f)], valid[i, : len(v)] = f, v
+    after = valid[:, ::2][:, ::2]  # validity after the two stride-2 convolutions
+    take = np.flatnonzero(after.reshape(-1)).astype(np.int32)
+    return {"audio_features": features, "audio_valid": valid}, take
 
 
 @dataclass(frozen=True)

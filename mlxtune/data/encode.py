@@ -11,36 +11,55 @@ offsets) carry loss: the turn's text, its tool calls and its end-of-turn marker.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from ..errors import DataError
+from .media import MediaItem, MediaPlan
 from .rows import Row
 
 
 @dataclass(frozen=True)
 class Encoded:
-    """One example: `loss[i]` says whether token `ids[i]` is a prediction target."""
+    """One example: `loss[i]` says whether token `ids[i]` is a prediction target. `media` are its
+    images and clips, each standing at `start` as begin token, soft tokens, end token."""
 
     ids: np.ndarray  # int32 [n]
     loss: np.ndarray  # bool [n]
     where: str
+    media: tuple[MediaItem, ...] = ()
 
     def __len__(self) -> int:
         return len(self.ids)
 
+    def truncate(self, n: int) -> Encoded:
+        """The first n tokens, cut before any media span that would not fit whole."""
+        for item in self.media:
+            if item.start + item.tokens + 2 > n:
+                n = min(n, item.start)
+        kept = tuple(m for m in self.media if m.start + m.tokens + 2 <= n)
+        return Encoded(self.ids[:n], self.loss[:n], self.where, kept)
+
 
 def encode(
-    row: Row, tokenizer, loss_on: str = "assistant", stop_ids: frozenset[int] = frozenset()
+    row: Row,
+    tokenizer,
+    loss_on: str = "assistant",
+    stop_ids: frozenset[int] = frozenset(),
+    media: MediaPlan | None = None,
 ) -> Encoded:
     """Encode one row. `tokenizer` is a Hugging Face (fast) tokenizer; `stop_ids` are the
-    model's end-of-turn ids beyond `tokenizer.eos_token_id`."""
+    model's end-of-turn ids beyond `tokenizer.eos_token_id`; `media` says how the model takes
+    images and audio (None: it takes none)."""
     if row.media:
-        field, kind = row.media[0]
-        raise DataError(
-            f"{row.where}: {field}: {kind} parts need a multimodal model (Gemma 4 or Gemma 3n)"
-        )
+        field, kind, _ = row.media[0]
+        if media is None:
+            raise DataError(
+                f"{row.where}: {field}: {kind} parts need a multimodal model (Gemma 4 or Gemma 3n)"
+            )
+        return expand_media(_chat(row, tokenizer, loss_on, stop_ids | {tokenizer.eos_token_id}),
+                            row, media)  # fmt: skip
     if row.kind == "text":
         ids = _with_bos(tokenizer, tokenizer(row.text, add_special_tokens=True)["input_ids"])
         ids = ids + [tokenizer.eos_token_id]
@@ -81,6 +100,35 @@ def _chat(row: Row, tokenizer, loss_on: str, stop_ids: frozenset[int]) -> Encode
         if after.size and int(ids[after[0]]) in stop_ids:
             loss[after] = True
     return _encoded(ids, loss, row.where)
+
+
+def expand_media(enc: Encoded, row: Row, plan: MediaPlan) -> Encoded:
+    """Each placeholder the template wrote becomes begin, N soft tokens, end; none carry loss."""
+    items = [plan.item(kind, path, f"{row.where}: {field}") for field, kind, path in row.media]
+    placeholder = {plan.span(kind)[1]: kind for kind in ("image", "audio")}
+    at = [i for i, t in enumerate(enc.ids.tolist()) if t in placeholder]
+    written = [placeholder[int(enc.ids[i])] for i in at]
+    if written != [m.kind for m in items]:
+        raise DataError(
+            f"{row.where}: messages: the chat template wrote placeholders for "
+            f"{_count(written)} but the row has {_count([m.kind for m in items])}"
+        )
+    ids, loss, placed, prev, shift = [], [], [], 0, 0
+    for i, item in zip(at, items, strict=True):
+        begin, soft, end = plan.span(item.kind)
+        ids += [enc.ids[prev:i], np.array([begin, *[soft] * item.tokens, end], np.int32)]
+        loss += [enc.loss[prev:i], np.zeros(item.tokens + 2, bool)]
+        placed.append(replace(item, start=i + shift))
+        shift += item.tokens + 1
+        prev = i + 1
+    ids.append(enc.ids[prev:])
+    loss.append(enc.loss[prev:])
+    return Encoded(np.concatenate(ids), np.concatenate(loss), enc.where, tuple(placed))
+
+
+def _count(kinds: list[str]) -> str:
+    parts = [f"{kinds.count(k)} {k}" for k in ("image", "audio") if kinds.count(k)]
+    return " and ".join(parts) or "no media"
 
 
 def _render(tokenizer, row: Row, messages: list[dict], generation_prompt: bool) -> str:

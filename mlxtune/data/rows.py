@@ -35,16 +35,20 @@ class Row:
     messages: tuple[dict, ...] = ()
     tools: tuple[dict, ...] = ()
     text: str = ""
+    folder: str = "."  # the JSONL file's folder: relative media paths start there
 
     @property
-    def media(self) -> list[tuple[str, str]]:
-        """(field, type) of every image/audio part, for models that cannot take them."""
+    def media(self) -> list[tuple[str, str, str]]:
+        """(field, type, path) of every image/audio part, in the order the template renders them;
+        relative paths are resolved against the JSONL file's folder."""
         found = []
         for i, message in enumerate(self.messages):
             content = message.get("content")
             for j, part in enumerate(content if isinstance(content, list) else []):
-                if part["type"] != "text":
-                    found.append((f"messages[{i}].content[{j}]", part["type"]))
+                kind = part["type"]
+                if kind != "text":
+                    path = Path(self.folder) / Path(part[kind]).expanduser()
+                    found.append((f"messages[{i}].content[{j}].{kind}", kind, str(path)))
         return found
 
 
@@ -53,7 +57,7 @@ def read_rows(path: str | Path) -> list[Row]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    rows = [parse_row(obj, where) for obj, where in _json_lines(path)]
+    rows = [parse_row(obj, where, str(path.parent)) for obj, where in _json_lines(path)]
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
@@ -77,7 +81,7 @@ def _json_lines(path: Path) -> Iterator[tuple[Any, str]]:
                 raise DataError(f"{where}: invalid JSON: {e.msg} at column {e.colno}") from None
 
 
-def parse_row(obj: Any, where: str) -> Row:
+def parse_row(obj: Any, where: str, folder: str = ".") -> Row:
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {_kind(obj)}")
     if "messages" in obj:
@@ -85,7 +89,7 @@ def parse_row(obj: Any, where: str) -> Row:
         tools = obj.get("tools") or []
         if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
             raise DataError(f"{where}: tools: expected a list of objects")
-        return Row(where, "chat", tuple(messages), tuple(tools))
+        return Row(where, "chat", tuple(messages), tuple(tools), folder=folder)
     if "prompt" in obj or "completion" in obj:
         for key in ("prompt", "completion"):
             if not isinstance(obj.get(key), str):
