@@ -3,9 +3,12 @@
     adapter_model.safetensors   base_model.model.<hf module>.lora_A.weight   (r, in)    float32
                                 base_model.model.<hf module>.lora_B.weight   (out, r)
                                 base_model.model.<hf module>.lora_magnitude_vector (out,)  DoRA
+                                base_model.model.<hf tensor>   a module trained in full (PEFT's
+                                modules_to_save, e.g. Gemma 4's embed_vision)
     adapter_config.json         PEFT's LoraConfig keys only (r, lora_alpha, lora_dropout, use_dora,
-                                target_modules = the full module names): PEFT warns about any
-                                other key. The run folder's config.yaml holds the rest.
+                                target_modules = the full module names, modules_to_save): PEFT
+                                warns about any other key. The run folder's config.yaml holds the
+                                rest.
 
 Module names are the base checkpoint's (Hugging Face) names, so `peft.PeftModel.from_pretrained`
 loads the adapter onto the transformers model. A backend maps its own module paths onto them
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +46,12 @@ class Adapter:
     lora: LoRAConfig
     modules: dict[str, LoraTensors]  # Hugging Face module name -> tensors
     base_model: str = ""
+    full: dict[str, np.ndarray] = field(default_factory=dict)  # HF tensor name -> trained tensor
+
+    @property
+    def saved_modules(self) -> list[str]:
+        """The modules trained in full (PEFT's modules_to_save)."""
+        return sorted({name.rsplit(".", 1)[0] for name in self.full})
 
 
 def tensor_shapes(folder: str | Path) -> dict[str, tuple[int, ...]]:
@@ -99,6 +108,8 @@ def save(folder: Path, adapter: Adapter) -> None:
         tensors[f"{PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(t.b, dtype=np.float32)
         if t.magnitude is not None:
             tensors[f"{PREFIX}{module}.lora_magnitude_vector"] = t.magnitude.astype(np.float32)
+    for name, value in adapter.full.items():
+        tensors[f"{PREFIX}{name}"] = np.ascontiguousarray(value, dtype=np.float32)
     save_file(tensors, str(Path(folder) / WEIGHTS), metadata={"format": "pt"})
     lora = adapter.lora
     config = {
@@ -115,7 +126,7 @@ def save(folder: Path, adapter: Adapter) -> None:
         "fan_in_fan_out": False,
         "inference_mode": True,
         "init_lora_weights": True,
-        "modules_to_save": None,
+        "modules_to_save": adapter.saved_modules or None,
     }
     (Path(folder) / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
@@ -138,8 +149,9 @@ def load(folder: str | Path) -> Adapter:
     except (ValueError, KeyError, TypeError) as e:
         raise ModelError(f"{folder / CONFIG}: not a readable LoRA config ({e})") from None
     tensors = load_file(str(folder / WEIGHTS))
+    full = {k[len(PREFIX) :]: v for k, v in tensors.items() if ".lora_" not in k}
     modules = {}
-    for module in {k[len(PREFIX) :].rsplit(".lora_", 1)[0] for k in tensors}:
+    for module in {k[len(PREFIX) :].rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k}:
         key = f"{PREFIX}{module}"
         try:
             modules[module] = LoraTensors(
@@ -149,4 +161,4 @@ def load(folder: str | Path) -> Adapter:
             )
         except KeyError as e:
             raise ModelError(f"{folder / WEIGHTS}: {module}: missing {e.args[0]}") from None
-    return Adapter(lora, modules, config.get("base_model_name_or_path") or "")
+    return Adapter(lora, modules, config.get("base_model_name_or_path") or "", full)

@@ -136,24 +136,32 @@ def eval_(config, overrides, adapter, data_file, max_rows):
 @click.option("--model", required=True, help="Model folder or Hugging Face repo id.")
 @click.option("--adapter", type=click.Path(file_okay=False), help="Run folder with an adapter.")
 @click.option("--prompt", required=True, help="User message.")
-@click.option("--image", multiple=True, type=click.Path(dir_okay=False), help="Image file.")
-@click.option("--audio", multiple=True, type=click.Path(dir_okay=False), help="Audio file.")
+@click.option(
+    "--image", multiple=True, type=click.Path(dir_okay=False), help="Image file (repeatable)."
+)
+@click.option(
+    "--audio", multiple=True, type=click.Path(dir_okay=False), help="Audio file (repeatable)."
+)
 @click.option("--max-tokens", default=256, show_default=True, help="Tokens to generate.")
 @click.option("--temp", default=0.0, show_default=True, help="Sampling temperature; 0 is greedy.")
 @mlx_command
 def generate(model, adapter, prompt, image, audio, max_tokens, temp):
-    """Stream a reply from MODEL (optionally with an adapter)."""
-    if image or audio:
-        _not_built("--image and --audio in mlxtune generate", 4)
+    """Stream a reply from MODEL (optionally with an adapter, images and audio clips)."""
     from . import generate as gen
     from . import model as model_lib
     from .config import Config, ModelConfig
     from .trainer import attach
 
     loaded = model_lib.load(ModelConfig(path=model))
+    cfg = Config()
     if adapter:
-        attach(loaded, Config(), Path(adapter))
-    text = gen.user_prompt(loaded.tokenizer, prompt)
+        run_config = Path(adapter) / "config.yaml"  # a run folder: its image budget applies
+        cfg = _load(str(run_config), ()) if run_config.is_file() else cfg
+        attach(loaded, cfg, Path(adapter))
+    if image or audio:
+        text = gen.media_prompt(loaded, prompt, image, audio, cfg.data.image_soft_tokens)
+    else:
+        text = gen.user_prompt(loaded.tokenizer, prompt)
     for piece in gen.stream(loaded.model, loaded.wrapper, text, max_tokens, temp):
         click.echo(piece, nl=False)
     click.echo()

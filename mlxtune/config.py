@@ -83,6 +83,11 @@ class LoRAConfig:
     dropout: float = opt(0.0, "Dropout on the LoRA input, in [0, 1)")
     targets: tuple[str, ...] = opt((), "Module names to adapt; empty = the family's default table")
     num_layers: int | None = opt(None, "Adapt only the last N decoder layers; null = all")
+    vision: bool = opt(False, "Also adapt the vision tower's attention and MLP (Gemma 4)")
+    audio: bool = opt(False, "Also adapt the audio tower's attention and feed-forwards (Gemma 4)")
+    train_embedders: bool = opt(
+        False, "Train the projections from the towers into the text model in full (Gemma 4)"
+    )
 
     def __post_init__(self) -> None:
         _positive(self, "rank", "alpha", "num_layers")
@@ -114,13 +119,16 @@ class TrainConfig:
     ce_chunk_tokens: int = opt(
         128, "Tokens whose logits the loss computes at once; 0 = full logits in one go"
     )
+    media_cache_gb: float = opt(
+        2.0, "Memory for frozen towers' soft tokens, reused across epochs; 0 = recompute each step"
+    )
 
     def __post_init__(self) -> None:
         if self.iters is not None and self.epochs is not None:
             raise Invalid("epochs", "set train.iters or train.epochs, not both")
         _positive(self, "iters", "epochs", "batch_size", "grad_accum", "learning_rate")
         _positive(self, "report_every", "max_grad_norm", "eval_batches")
-        _positive(self, "ce_chunk_tokens", allow_zero=True)
+        _positive(self, "ce_chunk_tokens", "media_cache_gb", allow_zero=True)
         _positive(self, "warmup_steps", "weight_decay", "eval_every", "save_every", allow_zero=True)
 
 

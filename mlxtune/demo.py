@@ -1,15 +1,17 @@
-"""A task a tiny random model can learn in a minute, for `mlxtune demo` and the learn test.
+"""Tasks a tiny random model can learn in minutes, for `mlxtune demo` and the learn tests.
 
-Each prompt lists three to six words drawn from one group ("Group: cat dog cat tiger"); the
-answer is the group (fruit, animal, tool, colour). Held-out rows are new draws, so passing them
-means the model learned what the words have in common, not the training rows. The signal is
-spread over the prompt, so even a random model's near-uniform attention carries it to the
-answer; LoRA has to learn to read it.
+- `media` (the demo's default, on a tiny Gemma 4): pictures of three colours answered with the
+  colour's name, tones of three pitches answered with high / mid / low, and rows holding both
+  ("low, red"). Every picture and clip is drawn anew (shade, speckle, size; pitch jitter,
+  length, loudness, sample rate, channels), so held-out rows are new files: passing them means
+  the whole path (files, collation, towers, decoder, loss, adapter) learned to look and listen.
+- `text` (a tiny Llama): the group of the words in a prompt ("Group: cat dog tiger" -> animal).
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,12 @@ GROUPS = {
     "tool": ("hammer", "saw", "drill", "wrench"),
     "colour": ("red", "green", "blue", "yellow"),
 }
+COLOURS = {"red": (210, 30, 30), "green": (30, 180, 40), "blue": (30, 50, 210)}
+PITCHES = {"high": 3200.0, "mid": 800.0, "low": 200.0}  # Hz, two octaves apart
+RATES = (8_000, 16_000, 22_050, 44_100)
+ASK_IMAGE = "What colour is this image?"
+ASK_AUDIO = "Is this tone high, mid or low?"
+ASK_BOTH = "Is the tone high, mid or low, and what colour is the image?"
 
 
 def rows(seed: int, n: int) -> list[dict]:
@@ -45,44 +53,124 @@ def write_task(
     return paths
 
 
-def run(out: Path, echo) -> dict:
-    """Make a tiny model, measure held-out accuracy, fine-tune for ~a minute, measure again."""
-    import time
+# ------------------------------------------------------------------------------ media task
 
+
+def picture(rng: np.random.Generator, colour: str):
+    """A speckled field of one colour at a random size and shade."""
+    from PIL import Image
+
+    h, w = (int(v) for v in rng.integers(24, 120, 2))
+    base = np.array(COLOURS[colour], dtype=np.float64) * rng.uniform(0.7, 1.0)
+    pixels = base + rng.normal(0, 18, (h, w, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def tone(rng: np.random.Generator, pitch: str) -> tuple[np.ndarray, int]:
+    """(samples [n, channels], rate): a sine near the pitch, with a little noise."""
+    rate = int(rng.choice(RATES))
+    hz = min(PITCHES[pitch] * rng.uniform(0.9, 1.1), 0.45 * rate)
+    t = np.arange(int(rate * rng.uniform(0.3, 1.2))) / rate
+    wave = rng.uniform(0.2, 0.4) * np.sin(2 * np.pi * hz * t + rng.uniform(0, 2 * np.pi))
+    wave = wave + rng.normal(0, 0.005, len(t))
+    channels = int(rng.integers(1, 3))
+    return np.repeat(wave[:, None], channels, axis=1).astype(np.float32), rate
+
+
+def media_rows(folder: Path, seed: int, n: int, prefix: str) -> list[dict]:
+    """n rows (a third images, a third tones, a third both), their files written to folder."""
+    import soundfile as sf
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        kind = ("image", "audio", "both")[i % 3]
+        parts, answer = [], []  # for both: the pitch first, then the colour
+        if kind in ("audio", "both"):
+            pitch = str(rng.choice(list(PITCHES)))
+            name = f"{prefix}{i:04d}.wav"
+            sf.write(folder / name, *tone(rng, pitch))
+            parts.append({"type": "audio", "audio": name})
+            answer.append(pitch)
+        if kind in ("image", "both"):
+            colour = str(rng.choice(list(COLOURS)))
+            name = f"{prefix}{i:04d}.png"
+            picture(rng, colour).save(folder / name)
+            parts.append({"type": "image", "image": name})
+            answer.append(colour)
+        ask = {"image": ASK_IMAGE, "audio": ASK_AUDIO, "both": ASK_BOTH}[kind]
+        parts.append({"type": "text", "text": ask})
+        out.append({"messages": [{"role": "user", "content": parts},
+                                 {"role": "assistant", "content": ", ".join(answer)}]})  # fmt: skip
+    return out
+
+
+def write_media_task(
+    folder: Path, n_train: int = 240, n_valid: int = 60, seed: int = 0
+) -> tuple[Path, Path]:
+    """train.jsonl and valid.jsonl in `folder`, with their pictures and clips beside them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = folder / "train.jsonl", folder / "valid.jsonl"
+    data = (media_rows(folder, seed, n_train, "t"), media_rows(folder, seed + 1000, n_valid, "v"))
+    for path, rows_ in zip(paths, data, strict=True):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows_), encoding="utf-8")
+    return paths
+
+
+# ------------------------------------------------------------------------------- the demo
+
+TASKS = {
+    "media": ("gemma4", write_media_task,
+              ["data.max_seq_len=256", "data.image_soft_tokens=70", "train.iters=120",
+               "train.batch_size=8", "train.learning_rate=2e-3", "train.warmup_steps=10"]),
+    "text": ("llama", write_task,
+             ["data.max_seq_len=128", "train.iters=60", "train.batch_size=8",
+              "train.learning_rate=3e-3", "train.warmup_steps=10"]),
+}  # fmt: skip
+
+
+def run(out: Path, echo, task: str = "media") -> dict:
+    """Make a tiny model, measure held-out accuracy, fine-tune, measure again, show answers."""
     from .config import load_config
     from .data.rows import read_rows
-    from .generate import answered, complete, exact_match
+    from .errors import ConfigError
+    from .generate import answered, chat_prompt, complete, exact_match
     from .tiny import make_tiny
     from .trainer import setup, train
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
-        from .errors import ConfigError
-
         raise ConfigError(f"--out: {out} is not empty; pick another folder")
-    model_dir = make_tiny(out / "model", "llama", seed=0)
-    train_file, valid_file = write_task(out / "data")
+    arch, writer, settings = TASKS[task]
+    model_dir = make_tiny(out / "model", arch, seed=0)
+    train_file, valid_file = writer(out / "data")
     overrides = [f"model.path={model_dir}", f"data.train={train_file}", f"data.valid={valid_file}",
-                 f"output.dir={out / 'run'}", "data.max_seq_len=128", "train.iters=60",
-                 "train.batch_size=8", "train.learning_rate=3e-3", "train.warmup_steps=10",
-                 "train.report_every=10", "train.eval_every=0", "train.save_every=0"]  # fmt: skip
+                 f"output.dir={out / 'run'}", "train.report_every=10", "train.eval_every=0",
+                 "train.save_every=0", *settings]  # fmt: skip
     cfg = load_config(None, overrides)
     valid = read_rows(valid_file)
     base = setup(cfg)
-    before = exact_match(base.model, base.loaded.wrapper, valid)["exact_match"]
-    echo(f"tiny random Llama in {model_dir}; held-out accuracy before training: {before:.0%}")
+    before = exact_match(base.model, base.loaded.wrapper, valid, plan=base.media)["exact_match"]
+    echo(f"tiny random {arch} in {model_dir}; held-out accuracy before training: {before:.0%}")
     started = time.perf_counter()
     run_dir = train(cfg, echo=echo)
     seconds = time.perf_counter() - started
     tuned = setup(cfg, adapter=run_dir)
-    after = exact_match(tuned.model, tuned.loaded.wrapper, valid)["exact_match"]
-    for row in valid[:3]:
-        messages, answer = answered(row)
-        prompt = tuned.loaded.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
-        reply = complete(tuned.model, tuned.loaded.wrapper, prompt, 8).strip()
-        echo(f"  {messages[0]['content']!r} -> {reply!r} (expected {answer!r})")
+    after = exact_match(tuned.model, tuned.loaded.wrapper, valid, plan=tuned.media)["exact_match"]
+    tokenizer = tuned.loaded.tokenizer
+    for row in valid[:4]:
+        question, answer = answered(row)
+        reply = complete(tuned.model, tuned.loaded.wrapper,
+                         chat_prompt(tokenizer, question, tuned.media), 8).strip()  # fmt: skip
+        echo(f"  {_describe(question)} -> {reply!r} (expected {answer!r})")
     echo(f"held-out accuracy: {before:.0%} -> {after:.0%} on {len(valid)} rows, "
          f"after {seconds:.0f} s of training; adapter in {run_dir}")  # fmt: skip
     return {"before": before, "after": after, "seconds": seconds, "run_dir": str(run_dir)}
+
+
+def _describe(question) -> str:
+    content = question.messages[-1]["content"]
+    if isinstance(content, str):
+        return repr(content)
+    return " + ".join(p[p["type"]] if p["type"] != "text" else repr(p["text"]) for p in content)

@@ -1,10 +1,30 @@
-"""Generation with mlx-lm's sampler and KV cache, and exact-match accuracy on answered rows."""
+"""Generation with mlx-lm's sampler and KV cache, and exact-match accuracy on answered rows.
+
+A prompt with images or audio goes through the same placeholder expansion as training; the
+model's `embed()` puts the soft tokens in, and mlx-lm generates from those embeddings.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
+
+from .data.batching import media_arrays
+from .data.encode import Encoded, expand_media
+from .data.media import MediaPlan
 from .data.rows import Row
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """Rendered text (text-only prompts), or token ids plus the media arrays they need."""
+
+    text: str = ""
+    ids: np.ndarray | None = None
+    media: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def user_prompt(tokenizer, text: str) -> str:
@@ -15,43 +35,76 @@ def user_prompt(tokenizer, text: str) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def stream(model, wrapper, prompt: str, max_tokens: int, temp: float = 0.0) -> Iterator[str]:
+def chat_prompt(tokenizer, row: Row, plan: MediaPlan | None = None) -> Prompt:
+    """The row's messages as a prompt awaiting the model's turn."""
+    messages = list(row.messages)
+    if not tokenizer.chat_template:
+        return Prompt(text=messages[0]["content"])
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if not row.media or plan is None:
+        return Prompt(text=text)
+    ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
+    ex = expand_media(Encoded(ids, np.zeros(len(ids), bool), row.where), row, plan)
+    return Prompt(ids=ex.ids, media=media_arrays([(m.start, m) for m in ex.media], len(ex.ids)))
+
+
+def media_prompt(loaded, text: str, images=(), audio=(), image_soft_tokens=None) -> Prompt:
+    """One user turn: the images, then the clips, then the text (`mlxtune generate`)."""
+    from .errors import MlxtuneError
+
+    plan = loaded.media_plan(image_soft_tokens)
+    if plan is None:
+        raise MlxtuneError(f"--image/--audio: {loaded.path} takes no images or audio")
+    parts = [{"type": kind, kind: str(Path(path).resolve())}
+             for kind, paths in (("image", images), ("audio", audio)) for path in paths]  # fmt: skip
+    for part in parts:  # each file checked once, with the option it came from in the message
+        plan.item(part["type"], part[part["type"]], f"--{part['type']}")
+    message = {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
+    return chat_prompt(loaded.tokenizer, Row("prompt", "chat", (message,)), plan)
+
+
+def stream(model, wrapper, prompt: Prompt | str, max_tokens: int, temp: float = 0.0
+           ) -> Iterator[str]:  # fmt: skip
     """Text pieces as they are generated (greedy at temp 0)."""
+    import mlx.core as mx
     from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
-    sampler = make_sampler(temp=temp)
-    for response in stream_generate(model, wrapper, prompt, max_tokens=max_tokens, sampler=sampler):
+    if isinstance(prompt, str):
+        prompt = Prompt(text=prompt)
+    kwargs: dict = {"max_tokens": max_tokens, "sampler": make_sampler(temp=temp)}
+    tokens: str | mx.array = prompt.text
+    if prompt.ids is not None:
+        tokens = mx.array(prompt.ids)
+        media = {k: mx.array(v) for k, v in prompt.media.items()}
+        kwargs["input_embeddings"] = model.embed(tokens[None], media)[0]
+    for response in stream_generate(model, wrapper, tokens, **kwargs):
         yield response.text
 
 
-def complete(model, wrapper, prompt: str, max_tokens: int) -> str:
+def complete(model, wrapper, prompt: Prompt | str, max_tokens: int) -> str:
     return "".join(stream(model, wrapper, prompt, max_tokens))
 
 
-def answered(row: Row) -> tuple[list[dict], str] | None:
-    """(the conversation before the answer, the expected answer) for rows that end in one."""
+def answered(row: Row) -> tuple[Row, str] | None:
+    """(the row cut before its answer, the expected answer) for rows that end in one."""
     if row.kind == "text" or row.messages[-1]["role"] != "assistant":
         return None
     answer = row.messages[-1]["content"]
     if not isinstance(answer, str) or row.messages[-1].get("tool_calls"):
         return None
-    return list(row.messages[:-1]), answer
+    return Row(row.where, row.kind, row.messages[:-1], row.tools, folder=row.folder), answer
 
 
-def exact_match(model, wrapper, rows: list[Row], max_rows: int | None = None) -> dict:
+def exact_match(model, wrapper, rows: list[Row], max_rows: int | None = None,
+                plan: MediaPlan | None = None) -> dict:  # fmt: skip
     """Greedy answers to every row that ends in an assistant answer, compared after strip()."""
     tokenizer = wrapper._tokenizer
     cases = [c for c in map(answered, rows) if c is not None][:max_rows]
     hits = 0
-    for messages, answer in cases:
-        if tokenizer.chat_template:
-            prompt = tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
-        else:
-            prompt = messages[0]["content"]
+    for question, answer in cases:
         budget = len(tokenizer(answer, add_special_tokens=False)["input_ids"]) + 8
-        hits += complete(model, wrapper, prompt, budget).strip() == answer.strip()
+        reply = complete(model, wrapper, chat_prompt(tokenizer, question, plan), budget)
+        hits += reply.strip() == answer.strip()
     n = len(cases)
     return {"exact_match": hits / n if n else None, "exact_match_rows": n}

@@ -39,6 +39,12 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
 
 LINEAR_TYPES = (nn.Linear, nn.QuantizedLinear)
 
+# Gemma 4's towers: attention and MLP / feed-forward projections. Their matrices sit in a
+# ClippableLinear's `.linear`, which is what gets adapted (as PEFT does).
+TOWER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "post", "gate_proj", "up_proj",
+                 "down_proj", "ffw_layer_1", "ffw_layer_2")  # fmt: skip
+EMBEDDERS = ("embed_vision", "embed_audio")
+
 
 def blocks(model: nn.Module, num_layers: int | None) -> list[tuple[int, nn.Module]]:
     """(index, block) of the last `num_layers` decoder blocks, or all of them."""
@@ -48,6 +54,7 @@ def blocks(model: nn.Module, num_layers: int | None) -> list[tuple[int, nn.Modul
 
 
 def _hits(path: str, targets: tuple[str, ...]) -> bool:
+    path = path.removesuffix(".linear")  # a ClippableLinear's matrix counts as the layer itself
     return any(path == t or path.endswith("." + t) for t in targets)
 
 
@@ -70,8 +77,28 @@ def apply(model: nn.Module, cfg: LoRAConfig, model_type: str) -> list[str]:
     if not paths:
         wanted = ", ".join(targets) or "any linear layer"
         raise ConfigError(f"lora.targets: no module matches ({wanted}) in the model's blocks")
+    for tower in ("vision", "audio"):
+        if getattr(cfg, tower):
+            paths += _tower_paths(model, f"{tower}_tower")
     swap(model, paths, cfg)
+    if cfg.train_embedders:
+        found = [name for name in EMBEDDERS if name in model]
+        if not found:
+            raise ConfigError("lora.train_embedders: this model has no multimodal embedders")
+        for name in found:
+            model[name].unfreeze()
     return paths
+
+
+def _tower_paths(model: nn.Module, name: str) -> list[str]:
+    if name not in model:
+        key = name.removesuffix("_tower")
+        raise ConfigError(f"lora.{key}: this model has no {name}")
+    return [
+        f"{name}.{path}"
+        for path, m in model[name].named_modules()
+        if isinstance(m, LINEAR_TYPES) and _hits(path, TOWER_TARGETS)
+    ]
 
 
 def linear_paths(model: nn.Module) -> list[str]:

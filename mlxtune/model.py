@@ -24,6 +24,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from .config import ModelConfig
 from .data.media import MediaPlan
@@ -190,8 +191,13 @@ def _vocab_size(model: nn.Module) -> int:
 
 
 def checkpoint_layers(model: nn.Module) -> None:
-    """Recompute each block's activations in backward instead of keeping them."""
-    for layer in model.layers:
+    """Recompute each block's activations in backward instead of keeping them: the decoder's,
+    and those of any tower that trains (a frozen tower keeps no activations anyway)."""
+    layers = list(model.layers)
+    for name in ("vision_tower", "audio_tower"):
+        if name in model and tree_flatten(model[name].trainable_parameters()):
+            layers += list(model[name].layers)
+    for layer in layers:
         base = type(layer)
         if getattr(base, "_mlxtune_checkpointed", False):
             continue

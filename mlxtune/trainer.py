@@ -19,12 +19,20 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 
 from . import adapters, checkpoint, lora
 from . import model as model_lib
 from .config import Config, TrainConfig
-from .data.batching import Batch, Dataset, Stream, ordered_batches, prepare
+from .data.batching import (
+    Batch,
+    Dataset,
+    Stream,
+    media_arrays,
+    ordered_batches,
+    prepare,
+    soft_block,
+)
 from .data.media import MediaPlan
 from .data.rows import read_rows
 from .errors import ConfigError, ModelError
@@ -45,6 +53,7 @@ class Engine:
     split: model_lib.Split | None
     masked: bool = True  # the model takes the packed-attention mask (see packs_exactly)
     notes: list[str] = field(default_factory=list)  # told to the user before training
+    soft: object = None  # a multimodal model's SoftTokenCache (frozen towers' outputs)
 
     @property
     def model(self) -> nn.Module:
@@ -60,17 +69,19 @@ class Engine:
                        d.overlong, self.loaded.stop_ids, self.media)  # fmt: skip
 
     def adapter(self) -> adapters.Adapter:
-        """The trained LoRA tensors in PEFT's layout, under the checkpoint's module names."""
+        """The trained LoRA tensors in PEFT's layout, under the checkpoint's module names; any
+        other trained parameter (an embedder trained in full) under its checkpoint name."""
         params = lora.trainable(self.model)
         modules = {}
         for path in self.adapted:
-            m = params.get(f"{path}.m")
+            m = params.pop(f"{path}.m", None)
             modules[self.hf_names[path]] = adapters.LoraTensors(
-                np.array(params[f"{path}.lora_a"]).T,
-                np.array(params[f"{path}.lora_b"]).T,
+                np.array(params.pop(f"{path}.lora_a")).T,
+                np.array(params.pop(f"{path}.lora_b")).T,
                 None if m is None else np.array(m),
             )
-        return adapters.Adapter(self.cfg.lora, modules, str(self.cfg.model.path))
+        full = {self.hf_names[k]: np.array(v.astype(mx.float32)) for k, v in params.items()}
+        return adapters.Adapter(self.cfg.lora, modules, str(self.cfg.model.path), full)
 
     def write_adapter(self, folder: Path) -> None:
         if self.cfg.lora.method == "full":
@@ -90,8 +101,12 @@ def setup(cfg: Config, adapter: str | Path | None = None) -> Engine:
         adapted = lora.apply(loaded.model, cfg.lora, loaded.model_type)
         hf_names = {}
         if cfg.lora.method != "full":
-            theirs = [k.removesuffix(".weight") for k in adapters.tensor_shapes(loaded.path)]
+            tensors = list(adapters.tensor_shapes(loaded.path))
+            theirs = [k.removesuffix(".weight") for k in tensors]
             hf_names = adapters.match_names(adapted, theirs)
+            lora_leaves = {f"{p}.{leaf}" for p in adapted for leaf in ("lora_a", "lora_b", "m")}
+            trained = [k for k in lora.trainable(loaded.model) if k not in lora_leaves]
+            hf_names |= adapters.match_names(trained, tensors)
     if cfg.train.grad_checkpoint:
         model_lib.checkpoint_layers(loaded.model)
     chunked = cfg.train.ce_chunk_tokens and cfg.lora.method != "full"
@@ -100,7 +115,12 @@ def setup(cfg: Config, adapter: str | Path | None = None) -> Engine:
     if cfg.data.packing and not masked:
         cfg = replace(cfg, data=replace(cfg.data, packing=False))
         notes.append("packing off: packed examples do not match them run alone for this model")
-    return Engine(loaded, cfg, adapted, hf_names, split, masked, notes)
+    soft = None
+    if hasattr(loaded.model, "tower_frozen"):
+        from .models.gemma4 import SoftTokenCache
+
+        soft = SoftTokenCache(loaded.model, int(cfg.train.media_cache_gb * 2**30))
+    return Engine(loaded, cfg, adapted, hf_names, split, masked, notes, soft)
 
 
 def attach(loaded: model_lib.Loaded, cfg: Config, folder: Path):
@@ -114,6 +134,8 @@ def attach(loaded: model_lib.Loaded, cfg: Config, folder: Path):
     saved = adapters.load(folder)
     try:
         to_mlx = adapters.match_names(list(saved.modules), lora.linear_paths(model))
+        ours = [k for k, _ in tree_flatten(model.parameters())]
+        full = {adapters.match_names([hf], ours)[hf]: v for hf, v in saved.full.items()}
     except ModelError as e:
         raise ModelError(f"{folder}: adapter does not match the model: {e}") from None
     lora.swap(model, list(to_mlx.values()), saved.lora)
@@ -131,9 +153,14 @@ def attach(loaded: model_lib.Loaded, cfg: Config, folder: Path):
                     f"{value.shape}, the model's layer needs {params[f'{path}.{leaf}'].shape}"
                 )
             weights.append((f"{path}.{leaf}", mx.array(value)))
+    params = dict(tree_flatten(model.parameters()))
+    weights += [(k, mx.array(v).astype(params[k].dtype)) for k, v in full.items()]
     model.load_weights(weights, strict=False)
     model.freeze()
-    return replace(cfg, lora=saved.lora), list(to_mlx.values()), {v: k for k, v in to_mlx.items()}
+    names = {v: k for k, v in to_mlx.items()} | {v: k for k, v in
+                                                  zip(full, saved.full, strict=True)}  # fmt: skip
+    lora_cfg = replace(saved.lora, train_embedders=bool(full))
+    return replace(cfg, lora=lora_cfg), list(to_mlx.values()), names
 
 
 def batch_loss(model, split, chunk, inputs, segments, gather, targets, weights, media,
@@ -156,8 +183,9 @@ def batch_loss(model, split, chunk, inputs, segments, gather, targets, weights, 
     return chunked_loss(split.head, chunk, grad)(hidden, targets, weights)
 
 
-def device_arrays(batch: Batch, multiple: int) -> tuple[mx.array, ...]:
-    """The micro-batch on device, with the loss positions gathered on the host."""
+def device_arrays(batch: Batch, multiple: int, cache=None) -> tuple:
+    """The micro-batch on device, with the loss positions gathered on the host. With a
+    `SoftTokenCache`, the soft tokens of frozen towers come from it, not from the step."""
     w = batch.weights.reshape(-1)
     gather = np.flatnonzero(w)
     size = -(-len(gather) // multiple) * multiple
@@ -166,7 +194,16 @@ def device_arrays(batch: Batch, multiple: int) -> tuple[mx.array, ...]:
     weights[: int((w > 0).sum())] = 1.0
     targets = batch.targets.reshape(-1)[gather]
     arrays = (batch.inputs, batch.segments, gather.astype(np.int32), targets, weights)
-    return (*map(mx.array, arrays), {k: mx.array(v) for k, v in batch.media.items()})
+    soft = {}
+    for kind in cache.kinds if cache is not None else ():
+        items = [m for _, m in batch.placed if m.kind == kind]
+        if items:
+            soft[kind] = cache.rows(items)
+    media = media_arrays(batch.placed, batch.inputs.size, {k: len(v) for k, v in soft.items()})
+    media = {k: mx.array(v) for k, v in media.items()}
+    for kind, rows in soft.items():
+        media[f"{kind}_soft"] = mx.pad(rows, [(0, soft_block(len(rows)) - len(rows)), (0, 0)])
+    return (*map(mx.array, arrays), media)
 
 
 def schedule(t: TrainConfig, total: int) -> Callable:
@@ -201,7 +238,7 @@ def evaluate(engine: Engine, data: Dataset, max_batches: int | None = None) -> d
     total, tokens = 0.0, 0
     batches = ordered_batches(data, cfg.train.batch_size, cfg.data.max_seq_len, cfg.data.packing)
     for batch in batches[:max_batches]:
-        total += fn(*device_arrays(batch, multiple)).item()
+        total += fn(*device_arrays(batch, multiple, engine.soft)).item()
         tokens += batch.loss_tokens
     model.train(was_training)
     loss = total / max(tokens, 1)
@@ -284,7 +321,7 @@ def train(cfg: Config, resume: bool = False, echo: Callable[[str], None] | None 
         grads, step_tokens = None, 0
         for _ in range(t.grad_accum):
             batch, position = stream.take(position)
-            loss, g = micro(*device_arrays(batch, multiple))
+            loss, g = micro(*device_arrays(batch, multiple, engine.soft))
             grads = g if grads is None else tree_map(mx.add, grads, g)
             window["loss"] = window["loss"] + loss
             step_tokens += batch.loss_tokens

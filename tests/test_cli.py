@@ -60,7 +60,6 @@ def test_bad_override_exits_2():
 @pytest.mark.parametrize(
     "args, issue",
     [
-        (["generate", "--model", "m", "--prompt", "hi", "--image", "cat.png"], 4),
         (["data", "stats", "x.jsonl"], 8),
         (["plan", str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")], 6),
     ],

@@ -13,6 +13,7 @@ pytest.importorskip("transformers")
 
 import _vision  # noqa: E402
 import soundfile as sf  # noqa: E402
+from _gemma4 import feature_extractor, hf_inputs, image_processor  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from mlxtune import trainer  # noqa: E402
@@ -21,18 +22,6 @@ from mlxtune.data import media  # noqa: E402
 from mlxtune.data.batching import collate  # noqa: E402
 
 SIZES = [(48, 48), (31, 517), (1000, 7), (333, 777), (768, 1024), (17, 17), (500, 499)]
-
-
-def image_processor():
-    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
-
-    return Gemma4ImageProcessorPil()
-
-
-def feature_extractor():
-    from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
-
-    return Gemma4AudioFeatureExtractor()
 
 
 def noise_image(h: int, w: int, seed: int = 0) -> Image.Image:
@@ -155,26 +144,6 @@ def files(tmp_path_factory):
         )
     (folder / "rows.jsonl").write_text("\n".join(lines) + "\n")
     return folder
-
-
-def hf_inputs(folder, row: dict, budget: int = 70) -> dict:
-    """What transformers' own processors make of a row's media (its reference inputs)."""
-    parts = [p for m in row["messages"] if isinstance(m["content"], list) for p in m["content"]]
-    images = [Image.open(folder / p["image"]).convert("RGB") for p in parts if p["type"] == "image"]
-    clips = [media.read_audio(folder / p["audio"], "", media.AudioSpec())
-             for p in parts if p["type"] == "audio"]  # fmt: skip
-    out = {}
-    if images:
-        pix = image_processor()(images=images, max_soft_tokens=budget, return_tensors="pt")
-        out |= {
-            "pixel_values": pix["pixel_values"],
-            "image_position_ids": pix["image_position_ids"],
-        }
-    if clips:
-        mel = feature_extractor()(clips, return_tensors="pt")
-        out |= {"input_features": mel["input_features"],
-                "input_features_mask": mel["input_features_mask"]}  # fmt: skip
-    return out
 
 
 def test_towers_alone_match_transformers(engine, hf, files):

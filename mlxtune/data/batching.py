@@ -22,6 +22,7 @@ from .rows import Row
 
 PAD_MULTIPLE = 32  # batch lengths round up to this, so a compiled step sees few shapes
 AUDIO_FRAME_MULTIPLE = 96  # mel frames of a batch of clips round up to this (0.96 s)
+SOFT_MULTIPLE = 64
 
 
 @dataclass
@@ -135,7 +136,7 @@ class Batch:
     targets: np.ndarray  # int32 [B, L]
     weights: np.ndarray  # float32 [B, L]: 1 where the target carries loss
     segments: np.ndarray  # int32 [B, L]: example number within the row, 0 = padding
-    media: dict[str, np.ndarray] = field(default_factory=dict)  # see media_arrays()
+    placed: tuple[tuple[int, MediaItem], ...] = ()  # (flat position of its begin token, item)
 
     @property
     def loss_tokens(self) -> int:
@@ -164,32 +165,53 @@ def collate(examples: list[Encoded], rows: list[list[int]], max_seq_len: int) ->
             segments[r, at : at + n] = s
             placed += [(r * length + at + m.start, m) for m in ex.media]
             at += n
-    media = media_arrays(placed, inputs.size) if placed else {}
-    return Batch(inputs, targets, weights, segments, media)
+    return Batch(inputs, targets, weights, segments, tuple(placed))
 
 
-def media_arrays(placed: list[tuple[int, MediaItem]], positions: int) -> dict[str, np.ndarray]:
-    """The media of a micro-batch as the model takes them.
+def media_arrays(placed, positions: int, soft_rows: dict[str, int] | None = None
+                 ) -> dict[str, np.ndarray]:  # fmt: skip
+    """The media of a micro-batch as the model takes them (empty for a text batch).
 
-    `source[p]` is the row of [token embeddings (one per position); image soft tokens; audio soft
-    tokens] that position p takes: itself, or the next soft token in batch order. Images are
-    padded to a shared patch count (padding positions -1), clips to a shared frame count; both
-    counts and the number of images / clips are rounded up, so a compiled step sees few shapes.
+    For each kind (image, audio): the tower's inputs (`pack_media`) and `{kind}_take`, the rows
+    of the tower's output that are real soft tokens, in batch order. A kind in `soft_rows` has
+    its soft tokens computed elsewhere (that many rows, which the caller adds as `{kind}_soft`,
+    padded to `soft_block()` rows). `source[p]` is the row of [token embeddings (one per
+    position); image rows; audio rows] that position p takes: itself, or its soft token.
     """
+    if not placed:
+        return {}
+    soft_rows = soft_rows or {}
     source = np.arange(positions, dtype=np.int32)
     out: dict[str, np.ndarray] = {}
     base = positions
-    for kind, pack in (("image", _pack_images), ("audio", _pack_audio)):
+    for kind in ("image", "audio"):
         items = [(p, m) for p, m in placed if m.kind == kind]
         if not items:
             continue
-        arrays, take = pack([m for _, m in items])
-        soft = np.concatenate([np.arange(p + 1, p + 1 + m.tokens) for p, m in items])
-        source[soft] = base + np.arange(len(soft))
-        base += len(soft)
-        out |= arrays | {f"{kind}_take": take}
+        if kind in soft_rows:
+            block = soft_block(soft_rows[kind])
+        else:
+            arrays, take = pack_media([m for _, m in items])
+            out |= arrays | {f"{kind}_take": take}
+            block = len(take)
+        where = np.concatenate([np.arange(p + 1, p + 1 + m.tokens) for p, m in items])
+        source[where] = base + np.arange(len(where))
+        base += block
     out["source"] = source
     return out
+
+
+def soft_block(rows: int) -> int:
+    """Rows a block of precomputed soft tokens is padded to, so a compiled step sees few shapes."""
+    return _bucket(rows, SOFT_MULTIPLE)
+
+
+def pack_media(items: list[MediaItem], round_up: bool = True
+               ) -> tuple[dict[str, np.ndarray], np.ndarray]:  # fmt: skip
+    """A tower's inputs for items of one kind, and the rows of its output that are theirs.
+    `round_up` pads the item count to a power of two (for a compiled step; not needed eagerly)."""
+    pack = _pack_images if items[0].kind == "image" else _pack_audio
+    return pack(items, _pow2(len(items)) if round_up else len(items))
 
 
 def _bucket(n: int, multiple: int) -> int:
@@ -200,10 +222,10 @@ def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _pack_images(items: list[MediaItem]):
+def _pack_images(items: list[MediaItem], n: int):
     loaded = [m.arrays() for m in items]
     k = items[0].spec.pooling_kernel_size
-    n, patches = _pow2(len(items)), _bucket(max(len(p) for p, _ in loaded), k * k * 16)
+    patches = _bucket(max(len(p) for p, _ in loaded), k * k * 16)
     tokens = patches // (k * k)
     pixels = np.zeros((n, patches, loaded[0][0].shape[1]), np.uint8)
     positions = np.full((n, patches, 2), -1, np.int32)
@@ -218,9 +240,9 @@ def _pack_images(items: list[MediaItem]):
     return arrays, np.concatenate(take).astype(np.int32)
 
 
-def _pack_audio(items: list[MediaItem]):
+def _pack_audio(items: list[MediaItem], n: int):
     loaded = [m.arrays() for m in items]
-    n, frames = _pow2(len(items)), _bucket(max(len(f) for f, _ in loaded), AUDIO_FRAME_MULTIPLE)
+    frames = _bucket(max(len(f) for f, _ in loaded), AUDIO_FRAME_MULTIPLE)
     features = np.zeros((n, frames, loaded[0][0].shape[1]), np.float32)
     valid = np.zeros((n, frames), bool)
     for i, (f, v) in enumerate(loaded):

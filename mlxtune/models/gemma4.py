@@ -19,12 +19,15 @@ batch which row of [token embeddings; image tokens; audio tokens] it takes.
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 
+from ..data.batching import pack_media
 from ..data.media import MediaTokens
 from ..errors import ModelError
 from ._layers import Embedder
@@ -106,9 +109,9 @@ class Gemma4(nn.Module):
         text = self.decoder.embed_tokens(self.text_ids(inputs))
         b, n, width = text.shape
         soft = []
-        if "image_patches" in media:
+        if "image_patches" in media or "image_soft" in media:
             soft.append(self.image_features(media))
-        if "audio_features" in media:
+        if "audio_features" in media or "audio_soft" in media:
             soft.append(self.audio_features(media))
         table = text.reshape(b * n, width)
         if soft:
@@ -118,22 +121,85 @@ class Gemma4(nn.Module):
 
     def image_features(self, media: dict) -> mx.array:
         """Soft tokens of every image, in placeholder order, at the text width."""
-        out = self.vision_tower(
-            media["image_patches"], media["image_positions"], media["image_pool"]
-        )
-        out = _frozen_or_not(self.vision_tower, out)
-        out = out.astype(self.decoder.norm.weight.dtype)
-        return self.embed_vision(out.reshape(-1, out.shape[-1])[media["image_take"]])
+        soft = media.get("image_soft")
+        if soft is None:
+            soft = _frozen_or_not(self.vision_tower, self.tower_tokens("image", media))
+        return self.embed_vision(soft.astype(self.decoder.norm.weight.dtype))
 
     def audio_features(self, media: dict) -> mx.array:
-        out = self.audio_tower(media["audio_features"], media["audio_valid"])
-        out = _frozen_or_not(self.audio_tower, out)
-        return self.embed_audio(out.reshape(-1, out.shape[-1])[media["audio_take"]])
+        soft = media.get("audio_soft")
+        if soft is None:
+            soft = _frozen_or_not(self.audio_tower, self.tower_tokens("audio", media))
+        return self.embed_audio(soft.astype(self.decoder.norm.weight.dtype))
+
+    def tower_tokens(self, kind: str, media: dict) -> mx.array:
+        """A tower's real output rows [tokens, width] (before the embedder), in batch order."""
+        if kind == "image":
+            out = self.vision_tower(
+                media["image_patches"], media["image_positions"], media["image_pool"]
+            )
+        else:
+            out = self.audio_tower(media["audio_features"], media["audio_valid"])
+        return out.reshape(-1, out.shape[-1])[media[f"{kind}_take"]]
+
+    def tower_frozen(self, kind: str) -> bool:
+        name = f"{'vision' if kind == 'image' else 'audio'}_tower"
+        return name in self and not tree_flatten(self[name].trainable_parameters())
 
 
 def _frozen_or_not(tower: nn.Module, out: mx.array) -> mx.array:
     """A frozen tower's output needs no gradient: autodiff keeps none of its activations."""
     return out if tree_flatten(tower.trainable_parameters()) else mx.stop_gradient(out)
+
+
+class SoftTokenCache:
+    """Soft tokens of frozen towers, computed outside the training step and kept per file.
+
+    A frozen tower's output for a picture or a clip never changes, so it is computed once, in a
+    forward pass of its own (nothing kept for autodiff), and reused by later epochs and by
+    validation; the step only looks the rows up. Past `limit_bytes`, the least recently used
+    entries go first (0 keeps nothing: every step computes its own, still outside the step)."""
+
+    CHUNK = 8  # pictures or clips per tower pass
+
+    def __init__(self, model: Gemma4, limit_bytes: int):
+        self.model, self.limit = model, limit_bytes
+        self.kinds = tuple(k for k in ("image", "audio") if model.tower_frozen(k))
+        self.store: OrderedDict[tuple, mx.array] = OrderedDict()
+        self.bytes = 0
+
+    def rows(self, items: list) -> mx.array:
+        """[sum of tokens, tower width]: the items' soft tokens, in order."""
+        found = {}
+        for m in items:
+            key = (m.kind, m.path, m.spec)
+            if key in self.store:
+                self.store.move_to_end(key)
+                found[key] = self.store[key]
+        missing = list({(m.kind, m.path, m.spec): m for m in items if
+                        (m.kind, m.path, m.spec) not in found}.values())  # fmt: skip
+        for i in range(0, len(missing), self.CHUNK):
+            chunk = missing[i : i + self.CHUNK]
+            arrays, take = pack_media(chunk, round_up=False)
+            media = {k: mx.array(v) for k, v in arrays.items()}
+            media[f"{chunk[0].kind}_take"] = mx.array(take)
+            out = self.model.tower_tokens(chunk[0].kind, media)
+            out = out.astype(self.model.decoder.norm.weight.dtype)
+            mx.eval(out)
+            ends = np.cumsum([m.tokens for m in chunk])
+            for m, part in zip(chunk, mx.split(out, ends[:-1].tolist()), strict=True):
+                found[(m.kind, m.path, m.spec)] = part
+                self._keep((m.kind, m.path, m.spec), part)
+        return mx.concatenate([found[(m.kind, m.path, m.spec)] for m in items], axis=0)
+
+    def _keep(self, key: tuple, value: mx.array) -> None:
+        if value.nbytes > self.limit:
+            return
+        self.store[key] = value
+        self.bytes += value.nbytes
+        while self.bytes > self.limit:
+            _, old = self.store.popitem(last=False)
+            self.bytes -= old.nbytes
 
 
 def wrap(text_model: nn.Module, config: dict, folder: Path) -> Gemma4:
