@@ -128,7 +128,8 @@ def eval_(config, overrides, adapter, data_file, max_rows):
     engine = setup(cfg, adapter)
     result = {"data": str(path), **evaluate(engine, engine.dataset(path))}
     if max_rows:
-        result |= exact_match(engine.model, engine.loaded.wrapper, read_rows(path), max_rows)
+        rows = read_rows(path)
+        result |= exact_match(engine.model, engine.loaded.wrapper, rows, max_rows, engine.media)
     click.echo(json.dumps(result, indent=2))
 
 

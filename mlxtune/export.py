@@ -68,8 +68,13 @@ def _mlx_lm(run_dir: Path, cfg: Config, tmp: Path) -> None:
     import mlx.core as mx
 
     from .model import resolve_path
+    from .models.gemma4 import TOWERS
 
     weights = _trained(run_dir)
+    towers = sorted({k.split(".", 1)[0] for k in weights} & set(TOWERS))
+    if towers:
+        raise ModelError(f"{run_dir}: trained {', '.join(towers)} as well, which mlx-lm does not "
+                         "load (it keeps only the text decoder); use --format peft or merged")  # fmt: skip
     blocks, keys = set(), set()
     for name in weights:
         head, index, rest = _split_block(name)
@@ -147,4 +152,7 @@ def _updates(run_dir: Path, cfg: Config, names: list[str]) -> dict:
             w = w * (mx.array(t.magnitude) / mx.linalg.norm(w, axis=1))[:, None]
         return w.astype(old.dtype)
 
-    return {f"{m}.weight": (lambda old, t=t: fold(old, t)) for m, t in saved.modules.items()}
+    updates = {f"{m}.weight": (lambda old, t=t: fold(old, t)) for m, t in saved.modules.items()}
+    for name, value in saved.full.items():  # modules trained in full replace the base tensor
+        updates[name] = lambda old, new=value: mx.array(new).astype(old.dtype)
+    return updates

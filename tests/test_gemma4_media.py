@@ -228,3 +228,47 @@ def test_truncation_never_cuts_through_media(engine, files):
     cut = ex.truncate(100)
     assert len(cut) == 76 and [m.kind for m in cut.media] == ["image"]
     assert len(ex.truncate(180)) == 180 and len(ex.truncate(180).media) == 3
+
+
+@pytest.fixture(scope="module")
+def bidirectional(tiny, tmp_path_factory):
+    """The tiny Gemma 4 as the larger models are: image tokens attend both ways in sliding
+    layers (text_config.use_bidirectional_attention: vision)."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("bidir") / "ckpt"
+    shutil.copytree(tiny("gemma4"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["use_bidirectional_attention"] = "vision"
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_bidirectional_vision_attention_matches_transformers(bidirectional, files):
+    from mlx_lm.models.cache import make_prompt_cache
+    from transformers import Gemma4ForConditionalGeneration
+
+    cfg = load_config(None, [f"model.path={bidirectional}", "model.dtype=float32",
+                             "data.image_soft_tokens=70", "data.max_seq_len=1024"])  # fmt: skip
+    engine = trainer.setup(cfg)
+    assert engine.model.bidirectional
+    data = engine.dataset(str(files / "rows.jsonl"))
+    ex = data.examples[0]  # two images and a clip
+    row = json.loads((files / "rows.jsonl").read_text().splitlines()[0])
+    hf = Gemma4ForConditionalGeneration.from_pretrained(bidirectional, dtype=torch.float32).eval()
+    ids = torch.tensor(ex.ids[None, :-1].astype(np.int64))
+    types = torch.where(ids == hf.config.image_token_id, 1, 0)
+    types = torch.where(ids == hf.config.audio_token_id, 3, types)
+    with torch.no_grad():
+        theirs = hf(input_ids=ids, mm_token_type_ids=types, **hf_inputs(files, row)).logits[0]
+        causal = hf(input_ids=ids, **hf_inputs(files, row)).logits[0]
+    assert (theirs - causal).abs().max() > 1e-2  # the blocks do change the answer
+    inputs, segments, *_, m = trainer.device_arrays(collate(data.examples, [[0, 3]], 1024), 64)
+    from mlxtune.model import packed_cache
+
+    ours = np.array(engine.model(inputs, cache=packed_cache(engine.model, segments), media=m))
+    np.testing.assert_allclose(ours[0, : len(ex) - 1], theirs.numpy(), atol=1e-3)
+    # Generation's prefill goes through mlx-lm's KV caches: the same blocks open there.
+    alone, *_, m = trainer.device_arrays(collate(data.examples, [[0]], 1024), 64)
+    prefill = engine.model(alone, cache=make_prompt_cache(engine.model), media=m)
+    np.testing.assert_allclose(np.array(prefill)[0, : len(ex) - 1], theirs.numpy(), atol=1e-3)

@@ -4,6 +4,12 @@ embedders round-trip through PEFT, generation takes media, and bad media give on
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,29 +23,66 @@ from mlxtune.config import load_config
 from mlxtune.data.rows import read_rows
 from mlxtune.generate import exact_match
 
+EXE = shutil.which("mlxtune", path=str(Path(sys.executable).parent)) or "mlxtune"
+
+
+def mlxtune(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([EXE, *map(str, args)], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ))  # fmt: skip
+
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     return demo.write_media_task(tmp_path_factory.mktemp("media_task"))
 
 
-def test_a_tiny_gemma4_learns_to_look_and_listen(tiny, task, tmp_path):
-    """Colours of pictures, pitches of tones, and both at once, on files never trained on."""
-    train_file, valid_file = task
+@pytest.fixture(scope="module")
+def learned(tiny, task, tmp_path_factory):
+    """The demo's settings on the demo's task: (config, run folder)."""
+    train_file, _ = task
     _, _, settings = demo.TASKS["media"]
+    out = tmp_path_factory.mktemp("learned") / "run"
     cfg = load_config(None, [f"model.path={tiny('gemma4')}", f"data.train={train_file}",
-                             f"output.dir={tmp_path / 'run'}", "train.eval_every=0",
-                             "train.save_every=0", *settings])  # fmt: skip
-    rows = read_rows(valid_file)
+                             f"output.dir={out}", "train.eval_every=0", "train.save_every=0",
+                             *settings])  # fmt: skip
+    return cfg, trainer.train(cfg, echo=lambda line: None)
+
+
+def test_a_tiny_gemma4_learns_to_look_and_listen(task, learned):
+    """Colours of pictures, pitches of tones, and both at once, on files never trained on."""
+    cfg, run_dir = learned
+    rows = read_rows(task[1])
     before = trainer.setup(cfg)
-    assert (
-        exact_match(before.model, before.loaded.wrapper, rows, plan=before.media)["exact_match"]
-        < 0.2
-    )
-    run_dir = trainer.train(cfg, echo=lambda line: None)
+    score = exact_match(before.model, before.loaded.wrapper, rows, plan=before.media)
+    assert score["exact_match"] < 0.2, score
     after = trainer.setup(cfg, adapter=run_dir)
     result = exact_match(after.model, after.loaded.wrapper, rows, plan=after.media)
     assert result["exact_match_rows"] == 60 and result["exact_match"] >= 0.9, result
+
+
+def test_generate_answers_from_an_image_and_a_clip(tiny, task, learned):
+    """`mlxtune generate --image / --audio` with the learned adapter, as a user runs it."""
+    _, run_dir = learned
+    rows = [json.loads(line) for line in task[1].read_text().splitlines()]
+    right = 0
+    for row in rows[0:2]:  # a picture, a clip
+        parts = row["messages"][0]["content"]
+        args = ["generate", "--model", tiny("gemma4"), "--adapter", run_dir, "--max-tokens", "6"]
+        for p in parts:
+            if p["type"] == "text":
+                args += ["--prompt", p["text"]]
+            else:
+                args += [f"--{p['type']}", task[1].parent / p[p["type"]]]
+        r = mlxtune(*args)
+        assert r.returncode == 0, r.stderr
+        right += r.stdout.strip() == row["messages"][1]["content"]
+    assert right == 2, right
+    r = mlxtune("generate", "--model", tiny("gemma4"), "--image", task[1].parent / "nope.png",
+                "--prompt", "Colour?")  # fmt: skip
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == (
+        f"mlxtune: error: --image: file not found: {task[1].parent / 'nope.png'}"
+    )
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -157,3 +200,59 @@ def test_tower_lora_and_embedders_load_in_peft_with_the_same_logits(tiny, task, 
             ids = torch.tensor(ex.ids[None, :-1].astype(np.int64))
             theirs = reference(input_ids=ids, **hf_inputs(train_file.parent, rows[i])).logits
         np.testing.assert_allclose(ours, theirs[0].numpy(), atol=1e-3)
+
+
+def test_merged_export_carries_tower_lora_and_embedders(tiny, task, tower_run, tmp_path):
+    torch = pytest.importorskip("torch")
+    from _gemma4 import hf_inputs
+    from transformers import Gemma4ForConditionalGeneration
+
+    from mlxtune.data.batching import collate
+    from mlxtune.errors import ModelError
+    from mlxtune.export import export
+
+    merged = export(tower_run, tmp_path / "merged", "merged")
+    with pytest.raises(ModelError, match="which mlx-lm does not load"):
+        export(tower_run, tmp_path / "mlx", "mlx-lm")
+    engine = trainer.setup(load_config(tower_run / "config.yaml"), adapter=tower_run)
+    data = engine.dataset(str(task[0]))
+    reference = Gemma4ForConditionalGeneration.from_pretrained(merged, dtype=torch.float32).eval()
+    row = json.loads(task[0].read_text().splitlines()[2])  # a clip and a picture
+    ex = data.examples[2]
+    arrays = trainer.device_arrays(collate(data.examples, [[2]], 256), 64)
+    ours = np.array(engine.model(arrays[0], media=arrays[-1]))[0, : len(ex) - 1]
+    with torch.no_grad():
+        ids = torch.tensor(ex.ids[None, :-1].astype(np.int64))
+        theirs = reference(input_ids=ids, **hf_inputs(task[0].parent, row)).logits[0].numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-3)
+
+
+def test_gradient_checkpointing_changes_no_tower_gradient(tiny, task):
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from mlxtune.data.batching import collate
+    from mlxtune.model import checkpoint_layers
+
+    grads = []
+    for checkpointed in (False, True):
+        cfg = load_config(None, [f"model.path={tiny('gemma4')}", "model.dtype=float32",
+                                 "lora.vision=true", "lora.audio=true",
+                                 "data.image_soft_tokens=70"])  # fmt: skip
+        engine = trainer.setup(cfg)
+        model = engine.model
+        # LoRA B starts at zero, where A gets no gradient: give B a value to see both.
+        for path, value in tree_flatten(model.trainable_parameters()):
+            if path.endswith("lora_b"):
+                model.load_weights([(path, value + 0.01)], strict=False)
+        if checkpointed:
+            checkpoint_layers(model)
+        data = engine.dataset(str(task[0]))
+        batch = collate(data.examples, [[0, 1], [2]], 256)
+        fn = nn.value_and_grad(model, partial(trainer.batch_loss, model, engine.split, 16))
+        _, g = fn(*trainer.device_arrays(batch, 64))
+        grads.append(dict(tree_flatten(g)))
+    towers = [k for k in grads[0] if k.startswith(("vision_tower", "audio_tower"))]
+    assert towers and all(np.abs(np.array(grads[0][k])).max() > 0 for k in towers)
+    for k in grads[0]:
+        np.testing.assert_allclose(np.array(grads[1][k]), np.array(grads[0][k]), atol=1e-6)

@@ -52,7 +52,10 @@ class Gemma4(nn.Module):
         self.language_model = language_model
         self.model_type = "gemma4"
         self.ids = MediaTokens.from_config(config)
-        width = config["text_config"]["hidden_size"]
+        # The larger Gemma 4 models let an image's soft tokens see each other in sliding layers.
+        text_config = config["text_config"]
+        self.bidirectional = text_config.get("use_bidirectional_attention") == "vision"
+        width = text_config["hidden_size"]
         vision, audio = config.get("vision_config"), config.get("audio_config")
         if vision:
             va = VisionArgs.from_config(vision)
@@ -79,14 +82,26 @@ class Gemma4(nn.Module):
         """Logits; mlx-lm's generation calls this with `input_embeddings` from `embed()`."""
         embeddings, per_layer = self._decoder_inputs(inputs, media, input_embeddings)
         per_layer = per_layer if per_layer_inputs is None else per_layer_inputs
-        return self.language_model(inputs, cache=cache, input_embeddings=embeddings,
-                                   per_layer_inputs=per_layer)  # fmt: skip
+        return self.language_model(inputs, cache=self._masks(inputs, cache),
+                                   input_embeddings=embeddings, per_layer_inputs=per_layer)  # fmt: skip
 
     def hidden(self, inputs: mx.array, cache=None, media: dict | None = None) -> mx.array:
         """Final hidden states (before the head), for the chunked loss."""
         embeddings, per_layer = self._decoder_inputs(inputs, media)
-        return self.decoder(inputs, cache=cache, input_embeddings=embeddings,
+        return self.decoder(inputs, cache=self._masks(inputs, cache), input_embeddings=embeddings,
                             per_layer_inputs=per_layer)  # fmt: skip
+
+    def _masks(self, inputs: mx.array, cache):
+        """For bidirectional-vision models, caches whose masks open each image block."""
+        if not self.bidirectional or cache is None or self.ids.image is None:
+            return cache
+        is_image = inputs == self.ids.image
+        if self.ids.video is not None:
+            is_image = is_image | (inputs == self.ids.video)
+        before = mx.pad(is_image[:, :-1], [(0, 0), (1, 0)])
+        group = mx.cumsum((is_image & ~before).astype(mx.int32), axis=1) - 1
+        blocks = mx.where(is_image, group, -1)
+        return [None if c is None else VisionBlocks(c, blocks) for c in cache]
 
     def _decoder_inputs(self, inputs, media, embeddings=None):
         if media:
@@ -145,6 +160,31 @@ class Gemma4(nn.Module):
     def tower_frozen(self, kind: str) -> bool:
         name = f"{'vision' if kind == 'image' else 'audio'}_tower"
         return name in self and not tree_flatten(self[name].trainable_parameters())
+
+
+class VisionBlocks:
+    """A cache (KV cache or packed-attention mask) whose sliding-window masks also let the soft
+    tokens of one image attend to each other both ways, as transformers'
+    `create_masks_for_vision_model` does: full layers stay causal; sliding layers take
+    window AND (causal OR same image). Everything else is the wrapped cache's."""
+
+    def __init__(self, cache, blocks: mx.array):
+        self._cache, self._blocks = cache, blocks  # blocks [B, N]: image number, -1 elsewhere
+
+    def __getattr__(self, name):
+        return getattr(self._cache, name)
+
+    def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None):
+        if window_size is None:
+            return self._cache.make_mask(n, return_array=return_array, window_size=None)
+        base = self._cache.make_mask(n, return_array=True, window_size=window_size)
+        b = self._blocks
+        i = mx.arange(n)
+        same = (b[:, :, None] == b[:, None, :]) & (b[:, :, None] >= 0)
+        same = same & (i[None, :, None] < i[None, None, :] + window_size)
+        past = base.shape[-1] - n  # columns for tokens already in the cache
+        same = mx.pad(same, [(0, 0), (0, 0), (past, 0)])[:, None]
+        return base | same
 
 
 def _frozen_or_not(tower: nn.Module, out: mx.array) -> mx.array:
