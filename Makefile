@@ -44,9 +44,12 @@ fmt:
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# Side-by-side with the anchors; ~20 minutes on a 2-core CPU (bench_text_lora ~15 of them).
+# Side-by-side with the anchors; ~35 minutes on a 2-core CPU (bench_text_lora ~15 of them,
+# bench_multimodal ~15). mlx-vlm, the multimodal anchor, is installed here only.
 bench:
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(PRELOAD) $(BIN)/python benchmarks/bench_blas.py
 	$(PRELOAD) $(BIN)/python benchmarks/bench_packing.py
 	$(PRELOAD) $(BIN)/python benchmarks/bench_loss.py
 	$(PRELOAD) $(BIN)/python benchmarks/bench_text_lora.py --rows 48
+	$(PRELOAD) $(BIN)/python benchmarks/bench_multimodal.py --rows 96

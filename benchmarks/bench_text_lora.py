@@ -20,11 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from _child import run_child
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -32,14 +32,6 @@ TARGETS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
 RANK, ALPHA, LR, MAX_LEN = 8, 16, 1e-4, 1024
 
 # Each side runs in its own process, which reports its own peak RSS (KiB on Linux, B on macOS).
-CHILD = """
-import resource, sys, json
-try:
-    {body}
-finally:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print("MAXRSS_BYTES", rss if sys.platform == "darwin" else rss * 1024, flush=True)
-"""
 
 
 def make_data(folder: Path, model: Path, rows: int, seed: int) -> dict:
@@ -81,15 +73,6 @@ def make_data(folder: Path, model: Path, rows: int, seed: int) -> dict:
             "\n".join(lines if name == "train" else lines[:4]) + "\n"
         )
     return {"rows": rows, "real_tokens": real}
-
-
-def run_child(body: str, env: dict) -> tuple[str, int]:
-    code = CHILD.format(body=body.strip().replace("\n", "\n    "))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        sys.exit(f"benchmark child failed:\n{out.stderr[-3000:]}")
-    rss = int(re.search(r"MAXRSS_BYTES (\d+)", out.stdout).group(1))
-    return out.stdout, rss
 
 
 def run_mlxtune(work: Path, model: Path, env: dict) -> dict:

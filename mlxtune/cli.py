@@ -230,12 +230,15 @@ def plan(config, overrides):
 @cli.command()
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the tiny model, the data and the run.")  # fmt: skip
+@click.option("--task", type=click.Choice(["media", "text"]), default="media", show_default=True,
+              help="media: a tiny Gemma 4 learns colours of pictures and pitches of tones; "
+                   "text: a tiny Llama learns word groups.")  # fmt: skip
 @mlx_command
-def demo(out):
-    """Make a tiny model, fine-tune it for a minute, and show it learned."""
+def demo(out, task):
+    """Make a tiny model, fine-tune it for a minute or two, and show it learned."""
     from .demo import run
 
-    run(Path(out), click.echo)
+    run(Path(out), click.echo, task)
 
 
 @cli.group(cls=_Group)

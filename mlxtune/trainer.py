@@ -40,6 +40,7 @@ from .io import atomic_folder
 from .progress import Reporter, truncate_metrics
 
 GATHER_MULTIPLE = 64  # loss positions pad up to this (or to the chunk), bounding compiled shapes
+GATHER_MIN = 16  # ... or, when fewer, to a power of two from this: short answers stay cheap
 
 
 @dataclass
@@ -188,7 +189,10 @@ def device_arrays(batch: Batch, multiple: int, cache=None) -> tuple:
     `SoftTokenCache`, the soft tokens of frozen towers come from it, not from the step."""
     w = batch.weights.reshape(-1)
     gather = np.flatnonzero(w)
-    size = -(-len(gather) // multiple) * multiple
+    n = len(gather)
+    size = (
+        -(-n // multiple) * multiple if n > multiple else max(GATHER_MIN, 1 << (n - 1).bit_length())
+    )
     gather = np.pad(gather, (0, size - len(gather)))
     weights = np.zeros(size, np.float32)
     weights[: int((w > 0).sum())] = 1.0

@@ -24,6 +24,8 @@ class Sizes:
     hidden_size: int | None = None
     num_layers: int | None = None
     vocab_size: int | None = None  # >= tokenizer size; the extra rows are never produced
+    tower_hidden: int | None = None  # Gemma 4: width of the vision and audio towers
+    tower_layers: int | None = None  # Gemma 4: layers of each tower
 
 
 def make_tiny(out_dir: str | Path, arch: str, seed: int = 0, sizes: Sizes = Sizes()) -> Path:

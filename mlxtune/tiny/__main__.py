@@ -1,4 +1,5 @@
-"""python -m mlxtune.tiny OUT_DIR --arch ARCH [--seed N] [--hidden-size H] [--layers L] [--vocab-size V]"""
+"""python -m mlxtune.tiny OUT_DIR --arch ARCH [--seed N] [--hidden-size H] [--layers L] [--vocab-size V]
+[--tower-hidden W] [--tower-layers N]"""
 
 from __future__ import annotations
 
@@ -18,9 +19,12 @@ from . import ARCHS, Sizes, make_tiny
 @click.option("--hidden-size", type=int, default=None, help="Override the tiny hidden size.")
 @click.option("--layers", type=int, default=None, help="Override the number of decoder layers.")
 @click.option("--vocab-size", type=int, default=None, help="Pad the model vocab (e.g. 262144).")
-def main(out_dir, arch, seed, hidden_size, layers, vocab_size):
+@click.option("--tower-hidden", type=int, default=None, help="Gemma 4: width of both towers.")
+@click.option("--tower-layers", type=int, default=None, help="Gemma 4: layers of each tower.")
+def main(out_dir, arch, seed, hidden_size, layers, vocab_size, tower_hidden, tower_layers):
     """Write a tiny random-weight Hugging Face checkpoint for ARCH into OUT_DIR."""
-    sizes = Sizes(hidden_size=hidden_size, num_layers=layers, vocab_size=vocab_size)
+    sizes = Sizes(hidden_size=hidden_size, num_layers=layers, vocab_size=vocab_size,
+                  tower_hidden=tower_hidden, tower_layers=tower_layers)  # fmt: skip
     try:
         path = make_tiny(out_dir, arch, seed=seed, sizes=sizes)
     except (ValueError, FileExistsError) as e:

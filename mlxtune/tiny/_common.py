@@ -59,7 +59,7 @@ class Checkpoint:
     """A family's answer: config.json, parameters by HF name, and any extra JSON/text files."""
 
     config: dict
-    params: dict[str, tuple[tuple[int, ...], str]]  # name -> (shape, init: normal|ones|zeros)
+    params: dict[str, tuple[tuple[int, ...], str]]  # (shape, init: normal|ones|zeros|const:<v>)
     files: dict[str, dict | str] = field(default_factory=dict)
 
 
@@ -181,6 +181,8 @@ def random_tensors(
             out[name] = np.ones(shape, np.float32)
         elif init == "zeros":
             out[name] = np.zeros(shape, np.float32)
+        elif init.startswith("const:"):
+            out[name] = np.full(shape, float(init.removeprefix("const:")), np.float32)
         elif init == "normal":
             fan_in = shape[-1] if len(shape) == 2 else int(np.prod(shape[1:]))
             std = 0.02 if len(shape) < 2 else fan_in**-0.5

@@ -180,6 +180,21 @@ def _w(*shape):
     return shape, "normal"
 
 
+CLIP = 8.0  # the bounds of every clipped linear: normalised activations rarely reach them
+
+
+def _with_clip_bounds(params: dict) -> dict:
+    """Each `<name>.linear.weight` of a tower gets its four scalar bounds, as E2B has them."""
+    out = dict(params)
+    for key in params:
+        if key.endswith(".linear.weight"):
+            base = key.removesuffix("linear.weight")
+            for side in ("input", "output"):
+                out[f"{base}{side}_min"] = ((), f"const:{-CLIP}")
+                out[f"{base}{side}_max"] = ((), f"const:{CLIP}")
+    return out
+
+
 def _ones(prefix, names, dim):
     """Gemma4RMSNorm computes x * w (no `1 +`), so an identity norm is all ones."""
     return {f"{prefix}{n}.weight": ((dim,), "ones") for n in names}
@@ -265,8 +280,8 @@ def _text(h, n_layers, vocab_size, ids, eos):
     return config, params
 
 
-def _vision(h):
-    vh, heads, n_layers, patch = 32, 2, 2, 16
+def _vision(h, vh=32, n_layers=2):
+    heads, patch = 2, 16
     hd = vh // heads
     config = {
         "model_type": "gemma4_vision",
@@ -284,9 +299,7 @@ def _vision(h):
         "pooling_kernel_size": 3,
         "position_embedding_size": 10240,  # covers any patch grid the processor can emit
         "default_output_length": 280,
-        # E2B clips its linears, but the bounds are +-inf buffers and the tiny writer only knows
-        # normal/ones/zeros: a finite bound would change the math, so clipping stays off.
-        "use_clipped_linears": False,
+        "use_clipped_linears": True,  # as E2B: each linear clamps its input and output
         "standardize": False,
     }
     vt = "model.vision_tower."
@@ -309,8 +322,8 @@ def _vision(h):
     return config, params
 
 
-def _audio(h):
-    ah, heads, n_layers, kernel = 32, 2, 2, 5
+def _audio(h, ah=32, n_layers=2):
+    heads, kernel = 2, 5
     # The first subsampling conv must keep 128 channels: the projection's input width is
     # (channels[0] // 4) * channels[1], which only matches (128 mel bins / 4) * channels[1].
     c0, c1 = 128, 8
@@ -328,7 +341,7 @@ def _audio(h):
         "attention_context_right": 0,
         "attention_logit_cap": 50.0,
         "attention_invalid_logits_value": -1.0e9,
-        "use_clipped_linears": False,  # as for the vision tower
+        "use_clipped_linears": True,
         "gradient_clipping": 1.0e10,
         "rms_norm_eps": 1e-6,
         "output_proj_dims": h,  # E2B projects the audio tower to the text width (1536)
@@ -370,8 +383,10 @@ def build(ids, vocab_size, sizes):
     h = sizes.hidden_size or 64
     eos = [ids["<eos>"], ids["<turn|>"], ids["<|tool_response>"]]
     text_config, params = _text(h, sizes.num_layers or 4, vocab_size, ids, eos)
-    vision_config, vision_params = _vision(h)
-    audio_config, audio_params = _audio(h)
+    towers = {"n_layers": sizes.tower_layers or 2}
+    vision_config, vision_params = _vision(h, sizes.tower_hidden or 32, **towers)
+    audio_config, audio_params = _audio(h, sizes.tower_hidden or 32, **towers)
+    vision_params, audio_params = _with_clip_bounds(vision_params), _with_clip_bounds(audio_params)
     config = {
         "architectures": ["Gemma4ForConditionalGeneration"],
         "model_type": "gemma4",
