@@ -185,12 +185,19 @@ def test_logits_match_transformers_for_text_two_images_and_audio(engine, hf, fil
     np.testing.assert_allclose(ours, theirs, atol=1e-3)
 
 
-def test_packed_mixed_batch_loss_equals_transformers_one_by_one(engine, hf, files):
-    """Text-only, image, audio and image+audio rows in one packed batch: the chunked loss over
-    the batch equals the sum of transformers' losses on each row alone."""
+@pytest.mark.parametrize(
+    "layout", [[[0, 3], [1, 2]], [[0], [1], [2], [3]]], ids=["packed", "padded"]
+)
+@pytest.mark.parametrize("cached", [False, True], ids=["towers-in-step", "soft-token-cache"])
+def test_mixed_batch_loss_equals_transformers_one_by_one(engine, hf, files, layout, cached):
+    """Text-only, image, audio and image+audio rows in one batch, packed or padded, the towers
+    run in the step or their soft tokens taken from the cache: the chunked loss over the batch
+    equals the sum of transformers' losses on each row alone."""
     data = engine.dataset(str(files / "rows.jsonl"))
-    batch = collate(data.examples, [[0, 3], [1, 2]], 1024)
-    ours = trainer.batch_loss(engine.model, engine.split, 16, *trainer.device_arrays(batch, 64))
+    batch = collate(data.examples, layout, 1024)
+    arrays = trainer.device_arrays(batch, 64, engine.soft if cached else None)
+    assert ("image_soft" in arrays[-1]) == cached
+    ours = trainer.batch_loss(engine.model, engine.split, 16, *arrays)
     rows = [json.loads(line) for line in (files / "rows.jsonl").read_text().splitlines()]
     total = 0.0
     for ex, row in zip(data.examples, rows, strict=True):

@@ -31,7 +31,6 @@ import numpy as np
 
 from ..errors import DataError
 
-IMAGE_BUDGETS = (70, 140, 280, 560, 1120)  # the soft-token budgets Gemma 4 was trained with
 CACHE_ITEMS = 256  # decoded media kept between epochs (<= ~2 MB each at the default budget)
 _CACHE: OrderedDict = OrderedDict()
 
@@ -57,9 +56,8 @@ class AudioSpec:
     min_frequency: float = 0.0
     max_frequency: float = 8000.0
     mel_floor: float = 1e-3
-    max_seconds: float = (
-        30.0  # the feature extractor's 480,000-sample cap; longer clips are refused
-    )
+    # The feature extractor's 480,000-sample cap: longer clips are refused, not truncated.
+    max_seconds: float = 30.0
     max_tokens: int = 750  # the processor's audio_seq_length
 
 

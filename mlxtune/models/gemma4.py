@@ -18,7 +18,6 @@ batch which row of [token embeddings; image tokens; audio tokens] it takes.
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from pathlib import Path
 
@@ -285,7 +284,3 @@ def _to_mlx_layout(module: nn.Module, items: list[tuple[str, mx.array]]):
                 value = moved
         out.append((key, value))
     return out
-
-
-def read_config(folder: Path) -> dict:
-    return json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
