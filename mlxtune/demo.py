@@ -135,7 +135,7 @@ def run(out: Path, echo, task: str = "media") -> dict:
     from .config import load_config
     from .data.rows import read_rows
     from .errors import ConfigError
-    from .generate import answered, chat_prompt, complete, exact_match
+    from .generate import answered, exact_match
     from .tiny import make_tiny
     from .trainer import setup, train
 
@@ -150,23 +150,30 @@ def run(out: Path, echo, task: str = "media") -> dict:
                  "train.save_every=0", *settings]  # fmt: skip
     cfg = load_config(None, overrides)
     valid = read_rows(valid_file)
+    shown = [answered(row) for row in valid[:4]]
     base = setup(cfg)
     before = exact_match(base.model, base.loaded.wrapper, valid, plan=base.media)["exact_match"]
+    replies = _replies(base, shown)
     echo(f"tiny random {arch} in {model_dir}; held-out accuracy before training: {before:.0%}")
     started = time.perf_counter()
     run_dir = train(cfg, echo=echo)
     seconds = time.perf_counter() - started
     tuned = setup(cfg, adapter=run_dir)
     after = exact_match(tuned.model, tuned.loaded.wrapper, valid, plan=tuned.media)["exact_match"]
-    tokenizer = tuned.loaded.tokenizer
-    for row in valid[:4]:
-        question, answer = answered(row)
-        reply = complete(tuned.model, tuned.loaded.wrapper,
-                         chat_prompt(tokenizer, question, tuned.media), 8).strip()  # fmt: skip
-        echo(f"  {_describe(question)} -> {reply!r} (expected {answer!r})")
+    echo("held-out answers, before -> after training:")
+    for (question, answer), old, new in zip(shown, replies, _replies(tuned, shown), strict=True):
+        echo(f"  {_describe(question)}: {old!r} -> {new!r} (expected {answer!r})")
     echo(f"held-out accuracy: {before:.0%} -> {after:.0%} on {len(valid)} rows, "
          f"after {seconds:.0f} s of training; adapter in {run_dir}")  # fmt: skip
     return {"before": before, "after": after, "seconds": seconds, "run_dir": str(run_dir)}
+
+
+def _replies(engine, cases) -> list[str]:
+    from .generate import chat_prompt, complete
+
+    tokenizer, wrapper = engine.loaded.tokenizer, engine.loaded.wrapper
+    return [complete(engine.model, wrapper, chat_prompt(tokenizer, q, engine.media), 8).strip()
+            for q, _ in cases]  # fmt: skip
 
 
 def _describe(question) -> str:

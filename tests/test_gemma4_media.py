@@ -147,29 +147,31 @@ def files(tmp_path_factory):
 
 
 def test_towers_alone_match_transformers(engine, hf, files):
+    """Each tower's own output, and after its embedder, for three pictures of odd sizes and two
+    clips of other lengths and rates, batched together as training batches them."""
     model = engine.model
     data = engine.dataset(str(files / "rows.jsonl"))
-    batch = collate(data.examples, [[0], [1], [2]], 1024)  # 3 images, 2 clips of other lengths
-    m = trainer.device_arrays(batch, 64)[-1]
+    m = trainer.device_arrays(collate(data.examples, [[0], [1], [2]], 1024), 64)[-1]
     rows = [json.loads(line) for line in (files / "rows.jsonl").read_text().splitlines()]
-    images = [hf_inputs(files, rows[i]) for i in (0, 1)]
+    tower, embedded = [], []
     with torch.no_grad():
-        want = [
-            t
-            for x in images
-            for t in hf.model.get_image_features(
-                x["pixel_values"], x["image_position_ids"]
-            ).pooler_output
-        ]
-        ours = np.array(model.image_features(m))
-        np.testing.assert_allclose(ours, torch.cat(want).numpy(), atol=1e-4)
-        clips = [hf_inputs(files, rows[i]) for i in (0, 2)]
-        want = []
-        for x in clips:
-            out = hf.model.get_audio_features(x["input_features"], x["input_features_mask"])
-            want.append(out.pooler_output[out.attention_mask])
-        ours = np.array(model.audio_features(m))
-        np.testing.assert_allclose(ours, torch.cat(want).numpy(), atol=1e-4)  # fmt: skip
+        for x in (hf_inputs(files, rows[0]), hf_inputs(files, rows[1])):
+            out = hf.model.get_image_features(x["pixel_values"], x["image_position_ids"])
+            tower.append(out.last_hidden_state)
+            embedded += list(out.pooler_output)
+        np.testing.assert_allclose(np.array(model.tower_tokens("image", m)),
+                                   torch.cat(tower).numpy(), atol=1e-4)  # fmt: skip
+        np.testing.assert_allclose(np.array(model.image_features(m)),
+                                   torch.cat(embedded).numpy(), atol=1e-4)  # fmt: skip
+        tower, embedded = [], []
+        for x in (hf_inputs(files, rows[0]), hf_inputs(files, rows[2])):
+            out = hf.model.audio_tower(x["input_features"], x["input_features_mask"])
+            tower.append(out.last_hidden_state[out.attention_mask])
+            embedded.append(hf.model.embed_audio(tower[-1]))
+        np.testing.assert_allclose(np.array(model.tower_tokens("audio", m)),
+                                   torch.cat(tower).numpy(), atol=1e-4)  # fmt: skip
+        np.testing.assert_allclose(np.array(model.audio_features(m)),
+                                   torch.cat(embedded).numpy(), atol=1e-4)  # fmt: skip
 
 
 def test_logits_match_transformers_for_text_two_images_and_audio(engine, hf, files):
