@@ -22,7 +22,7 @@ from .rows import Row
 
 PAD_MULTIPLE = 32  # batch lengths round up to this, so a compiled step sees few shapes
 AUDIO_FRAME_MULTIPLE = 96  # mel frames of a batch of clips round up to this (0.96 s)
-SOFT_MULTIPLE = 64
+SOFT_MULTIPLE = 64  # rows of precomputed soft tokens round up to this
 
 
 @dataclass
