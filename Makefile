@@ -53,3 +53,4 @@ bench:
 	$(PRELOAD) $(BIN)/python benchmarks/bench_loss.py
 	$(PRELOAD) $(BIN)/python benchmarks/bench_text_lora.py --rows 48
 	$(PRELOAD) $(BIN)/python benchmarks/bench_multimodal.py --rows 96
+	$(BIN)/python benchmarks/bench_fusion.py

@@ -36,6 +36,9 @@ class _Group(click.Group):
             raise _UserError(str(e)) from None
 
 
+FUSION_MODES = ("best-of", "merge", "debate", "self")
+
+
 def _not_built(what: str, issue: int) -> None:
     raise NotBuiltError(f"{what} is not built yet (tracked in issue #{issue})")
 
@@ -249,21 +252,71 @@ def fusion():
 @fusion.command()
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.argument("prompt")
-@click.option("--mode", type=click.Choice(["best-of", "merge", "debate", "self"]))
+@set_option
+@click.option("--mode", type=click.Choice(FUSION_MODES), help="Override fusion.mode.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
-def ask(config, prompt, mode, as_json):
-    """Ask the pool in CONFIG one question."""
-    _load(config, ())
-    _not_built("mlxtune fusion ask", 5)
+def ask(config, prompt, overrides, mode, as_json):
+    """Ask the pool in CONFIG one question: the answer streams, then the member table."""
+    import asyncio
+
+    from fusion.client import FusionClient
+
+    cfg = _load(config, overrides)
+
+    async def go():
+        async with FusionClient(cfg) as client:
+            show = None if as_json else (lambda piece: click.echo(piece, nl=False))
+            return await client.run([{"role": "user", "content": prompt}], mode, show)
+
+    result = asyncio.run(go())
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        click.echo("\n")
+        click.echo(result.table())
 
 
 @fusion.command()
 @click.argument("config", type=click.Path(dir_okay=False))
-@click.option("--port", default=8400, show_default=True)
-def serve(config, port):
-    """Serve the pool in CONFIG as an OpenAI-compatible endpoint."""
-    _load(config, ())
-    _not_built("mlxtune fusion serve", 5)
+@set_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", default=8400, show_default=True, help="Port to listen on.")
+def serve(config, overrides, host, port):
+    """Serve the pool in CONFIG as an OpenAI-compatible endpoint (/v1/chat/completions)."""
+    from aiohttp import web
+
+    from fusion.server import check_not_self, make_app, model_ids
+
+    cfg = _load(config, overrides)
+    check_not_self(cfg, host, port)
+    app = make_app(cfg)
+    click.echo(f"fusion serving http://{host}:{port}/v1 (models: {', '.join(model_ids(cfg))})")
+    web.run_app(app, host=host, port=port, print=None)
+
+
+@fusion.command(name="eval")
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("tasks", type=click.Path(dir_okay=False))
+@set_option
+@click.option("--modes", default=",".join(FUSION_MODES), show_default=True,
+              help="Comma-separated modes to score.")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def eval_fusion(config, tasks, overrides, modes, as_json):
+    """Accuracy of each member, oracle@n, majority vote and each mode on TASKS.jsonl (rows with
+    a gold "answer"), with judge regret, cost multiple and latency overhead."""
+    import asyncio
+
+    from fusion import eval as fusion_eval
+
+    cfg = _load(config, overrides)
+    chosen = [m.strip() for m in modes.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in FUSION_MODES]
+    if unknown:
+        raise MlxtuneError(f"--modes: {unknown[0]!r} is not one of {', '.join(FUSION_MODES)}")
+    rows = fusion_eval.read_tasks(tasks)
+    echo = (lambda line: None) if as_json else (lambda line: click.echo(line, err=True))
+    report = asyncio.run(fusion_eval.evaluate(cfg, rows, chosen, echo))
+    click.echo(json.dumps(report, indent=2) if as_json else fusion_eval.table(report))
 
 
 @cli.command(name="config")

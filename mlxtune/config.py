@@ -147,7 +147,7 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 @dataclass(frozen=True, kw_only=True)
 class EndpointConfig:
-    name: str = opt("", "Label for this member in tables and traces")
+    name: str = opt("", "Label for this member in tables and traces (default: the model id)")
     base_url: str = opt("", "OpenAI-compatible base URL, e.g. https://openrouter.ai/api/v1")
     model: str = opt("", "Model id sent in the request")
     api_key_env: str | None = opt(None, "Name of the environment variable holding the API key")
@@ -156,17 +156,40 @@ class EndpointConfig:
     )
     max_tokens: int = opt(1024, "max_tokens sent with every request")
     temperature: float = opt(0.7, "Sampling temperature")
-    timeout_s: float = opt(120.0, "Total deadline for one call, seconds")
+    timeout_s: float = opt(120.0, "Total deadline for one call, retries included, seconds")
+    connect_timeout_s: float = opt(10.0, "Deadline to connect to the endpoint, seconds")
+    first_token_s: float = opt(
+        60.0, "Deadline for the first content token (keep-alive comments do not count), seconds"
+    )
+    max_retries: int = opt(2, "Retries on 408, 429, 5xx and connection errors (never on 4xx)")
+    hedge_after_s: float | None = opt(
+        None, "Send a second identical request if no content has come after this many seconds"
+    )
+    attribution: bool | None = opt(
+        None, "Send fusion.app_url / app_title headers; null = only to openrouter.ai"
+    )
+    input_price: float | None = opt(
+        None, "USD per million prompt tokens, when the provider reports no usage.cost"
+    )
+    output_price: float | None = opt(None, "USD per million completion tokens (as input_price)")
 
     def __post_init__(self) -> None:
         for key in ("base_url", "model"):
             if not getattr(self, key):
                 raise Invalid(key, "required")
+        if not self.base_url.startswith(("http://", "https://")):
+            raise Invalid("base_url", f"must start with http:// or https://, got {self.base_url!r}")
         if self.api_key_env is not None and not _ENV_NAME.match(self.api_key_env):
             # A literal key here would end up in logs and run folders: refuse it.
             raise Invalid("api_key_env", "must name an environment variable, not hold a key")
-        _positive(self, "max_tokens", "timeout_s")
-        _positive(self, "temperature", allow_zero=True)
+        _positive(self, "max_tokens", "timeout_s", "connect_timeout_s", "first_token_s")
+        _positive(self, "hedge_after_s")
+        _positive(self, "temperature", "max_retries", "input_price", "output_price",
+                  allow_zero=True)  # fmt: skip
+
+    @property
+    def label(self) -> str:
+        return self.name or self.model
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -174,6 +197,42 @@ class FusionConfig:
     mode: Literal["best-of", "merge", "debate", "self"] = opt("best-of", "How answers combine")
     pool: tuple[EndpointConfig, ...] = opt((), "Members that answer in parallel")
     judge: EndpointConfig | None = opt(None, "Model that turns the members' answers into one")
+    rounds: int = opt(
+        2, "debate: revision rounds after the first answers (stops early on consensus)"
+    )
+    samples: int = opt(3, "self: how many times the first pool member is sampled")
+    quorum: int | None = opt(
+        None, "Go on once this many members have answered (k of n); null = wait for all"
+    )
+    grace_s: float = opt(0.5, "After the quorum, wait this long for the others, then cancel them")
+    min_successful: int = opt(1, "Fewer answers than this is an error")
+    max_total_tokens: int | None = opt(None, "Budget: stop (no more rounds, no judge) past this")
+    max_cost: float | None = opt(None, "Budget in USD, as max_total_tokens")
+    skip_judge_on_agreement: bool = opt(
+        True, "No judge call when every answer gives the same short or numeric answer"
+    )
+    seed: int = opt(0, "Seed for the order answers are shown to the judge")
+    max_per_host: int = opt(8, "Concurrent connections per host")
+    app_url: str | None = opt(None, "HTTP-Referer sent to OpenRouter (attribution)")
+    app_title: str | None = opt("mlxtune", "X-Title sent to OpenRouter (attribution)")
+    server_token_env: str | None = opt(
+        None, "fusion serve: environment variable holding the bearer token clients must send"
+    )
+    max_request_kb: int = opt(1024, "fusion serve: largest request body accepted, KiB")
+    max_concurrent: int = opt(16, "fusion serve: requests handled at once; more get HTTP 429")
+
+    def __post_init__(self) -> None:
+        _positive(self, "rounds", "grace_s", "max_cost", allow_zero=True)
+        _positive(self, "samples", "quorum", "min_successful", "max_total_tokens", "max_per_host")
+        _positive(self, "max_request_kb", "max_concurrent")
+        if self.quorum is not None and self.pool and self.quorum > len(self.pool):
+            raise Invalid("quorum", f"{self.quorum} is more than the {len(self.pool)} members")
+        if self.server_token_env is not None and not _ENV_NAME.match(self.server_token_env):
+            raise Invalid("server_token_env", "must name an environment variable, not hold a token")
+        labels = [m.label for m in self.pool]
+        dup = next((x for x in labels if labels.count(x) > 1), None)
+        if dup:
+            raise Invalid("pool", f"two members are called {dup!r}; give each a distinct name")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -20,6 +20,11 @@ def test_light_imports():
     assert heavy_modules_after(code) == []
 
 
+def test_the_fusion_client_and_server_are_light():
+    code = "import fusion.client, fusion.server, fusion.modes, fusion.eval, fusion.wire"
+    assert heavy_modules_after(code) == []
+
+
 def test_help_imports_nothing_heavy():
     code = (
         "import sys\nfrom mlxtune import cli\n"
