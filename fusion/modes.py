@@ -59,9 +59,8 @@ REPAIR = """Your reply did not end with the verdict. Reply with only this JSON l
 
 
 async def best_of(client, messages, on_text=None, first=None) -> FusionResult:
-    started, cfg = time.perf_counter(), client.cfg
-    calls = list(first) if first is not None else await _first_round(client, messages)
-    result = _early(calls, "best-of", started, client, on_text)
+    cfg = client.cfg
+    started, calls, result = await _opening(client, messages, first, "best-of", on_text)
     if result is not None:
         return result
     ok = [c for c in calls if c.ok]
@@ -88,9 +87,7 @@ async def best_of(client, messages, on_text=None, first=None) -> FusionResult:
 
 
 async def merge(client, messages, on_text=None, first=None) -> FusionResult:
-    started = time.perf_counter()
-    calls = list(first) if first is not None else await _first_round(client, messages)
-    result = _early(calls, "merge", started, client, on_text)
+    started, calls, result = await _opening(client, messages, first, "merge", on_text)
     if result is not None:
         return result
     order = _shuffled([c for c in calls if c.ok], messages, client.cfg.seed)
@@ -99,9 +96,8 @@ async def merge(client, messages, on_text=None, first=None) -> FusionResult:
 
 
 async def debate(client, messages, on_text=None, first=None) -> FusionResult:
-    started, cfg = time.perf_counter(), client.cfg
-    calls = list(first) if first is not None else await _first_round(client, messages)
-    result = _early(calls, "debate", started, client, on_text)
+    cfg = client.cfg
+    started, calls, result = await _opening(client, messages, first, "debate", on_text)
     if result is not None:
         return result
     latest = {c.member: c for c in calls if c.ok}
@@ -166,12 +162,16 @@ MODES = {"best-of": best_of, "merge": merge, "debate": debate, "self": self_mode
 # ---------------------------------------------------------------------------- shared steps
 
 
-async def _first_round(client, messages) -> list[Call]:
-    cfg = client.cfg
-    if not cfg.pool:
-        raise FusionError("fusion.pool: no members")
-    jobs = [(ep, messages, None, ep.label) for ep in cfg.pool]
-    return await client.gather(jobs, quorum=cfg.quorum)
+async def _opening(client, messages, first, mode, on_text):
+    """(start time, the pool's first answers, a finished result if the judge is not needed)."""
+    started, cfg = time.perf_counter(), client.cfg
+    if first is None:
+        if not cfg.pool:
+            raise FusionError("fusion.pool: no members")
+        jobs = [(ep, messages, None, ep.label) for ep in cfg.pool]
+        first = await client.gather(jobs, quorum=cfg.quorum)
+    calls = list(first)
+    return started, calls, _early(calls, mode, started, client, on_text)
 
 
 def _early(calls, mode, started, client, on_text) -> FusionResult | None:
