@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -26,14 +25,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from .data.batching import Position
 from .errors import ModelError
 from .io import atomic_folder
-
-FOLDER = "checkpoints"
-
-
-@dataclass(frozen=True)
-class RunState:
-    step: int = 0  # optimizer steps completed
-    position: Position = Position()  # the next micro-batch
+from .runs import CHECKPOINTS, RunState, all_checkpoints
 
 
 def save(
@@ -44,7 +36,7 @@ def save(
     write_adapter: Callable[[Path], None],
     keep: int,
 ) -> Path:
-    target = Path(run_dir) / FOLDER / f"step-{state.step:07d}"
+    target = Path(run_dir) / CHECKPOINTS / f"step-{state.step:07d}"
     with atomic_folder(target, replace=True) as tmp:
         mx.save_safetensors(str(tmp / "trainable.safetensors"), _flat(model.trainable_parameters()))
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), _flat(optimizer.state))
@@ -60,11 +52,6 @@ def save(
         for old in all_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return target
-
-
-def all_checkpoints(run_dir: Path) -> list[Path]:
-    folder = Path(run_dir) / FOLDER
-    return sorted(folder.glob("step-*")) if folder.is_dir() else []
 
 
 def restore(ckpt: Path, model: nn.Module, optimizer: optim.Optimizer) -> RunState:

@@ -59,6 +59,20 @@ def mlx_command(fn: Callable) -> Callable:
     return wrapper
 
 
+def _engine(cfg):
+    """The trainer module of the configured backend: MLX, or the PyTorch twin."""
+    if cfg.model.backend == "cuda":
+        try:
+            from cuda_backend import trainer
+        except ImportError as e:
+            raise MlxtuneError(f"model.backend cuda needs torch and transformers "
+                               f"(pip install 'mlxtune[cuda]'): {e}") from None  # fmt: skip
+        return trainer
+    from . import trainer
+
+    return trainer
+
+
 def _load(config_path: str | None, overrides: tuple[str, ...]):
     from .config import load_config
 
@@ -99,9 +113,7 @@ def train(config, overrides, resume):
         cfg = _load(config, overrides)
     else:
         raise MlxtuneError("CONFIG is required (or --resume RUN_DIR)")
-    from .trainer import train as run
-
-    run(cfg, resume=bool(resume), echo=click.echo)
+    _engine(cfg).train(cfg, resume=bool(resume), echo=click.echo)
 
 
 @cli.command(name="eval")
@@ -126,11 +138,11 @@ def eval_(config, overrides, adapter, data_file, max_rows):
         raise MlxtuneError("data.valid: not set; give it in the config or pass --data FILE")
     from .data.rows import read_rows
     from .generate import exact_match
-    from .trainer import evaluate, setup
 
-    engine = setup(cfg, adapter)
-    result = {"data": str(path), **evaluate(engine, engine.dataset(path))}
-    if max_rows:
+    trainer = _engine(cfg)
+    engine = trainer.setup(cfg, adapter)
+    result = {"data": str(path), **trainer.evaluate(engine, engine.dataset(path))}
+    if max_rows and cfg.model.backend == "mlx":
         rows = read_rows(path)
         result |= exact_match(engine.model, engine.loaded.wrapper, rows, max_rows, engine.media)
     click.echo(json.dumps(result, indent=2))

@@ -52,6 +52,13 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
         "auto", "Compute dtype; auto keeps the checkpoint's"
     )
+    offload_experts: bool = opt(
+        False, "cuda, Llama 4: routed experts stay in host RAM and stream through the GPU"
+    )
+    expert_chunk: int = opt(16, "cuda, offload_experts: experts per streamed chunk (2 in flight)")
+
+    def __post_init__(self) -> None:
+        _positive(self, "expert_chunk")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -121,6 +128,9 @@ class TrainConfig:
     )
     media_cache_gb: float = opt(
         2.0, "Memory for frozen towers' soft tokens, reused across epochs; 0 = recompute each step"
+    )
+    offload_checkpoints: bool = opt(
+        False, "cuda, with grad_checkpoint: keep each layer's saved input in host RAM"
     )
 
     def __post_init__(self) -> None:

@@ -14,10 +14,12 @@ import json
 import shutil
 from pathlib import Path
 
-from . import adapters, checkpoint
+from . import adapters
 from .config import Config, load_config
 from .errors import ModelError
+from .hub import resolve_path
 from .io import atomic_folder
+from .runs import all_checkpoints
 
 FORMATS = ("peft", "mlx-lm", "merged")
 CONV1D_FAMILIES = ("gpt2", "gpt_bigcode")  # weights stored transposed on disk
@@ -53,7 +55,7 @@ def _trained(run_dir: Path) -> dict:
     """The trained parameters under their MLX names, from the newest checkpoint."""
     import mlx.core as mx
 
-    found = checkpoint.all_checkpoints(run_dir)
+    found = all_checkpoints(run_dir)
     if not found:
         raise ModelError(f"{run_dir}: no checkpoint with trained weights")
     return mx.load(str(found[-1] / "trainable.safetensors"))
@@ -67,7 +69,6 @@ def _num_layers(model_dir: Path) -> int:
 def _mlx_lm(run_dir: Path, cfg: Config, tmp: Path) -> None:
     import mlx.core as mx
 
-    from .model import resolve_path
     from .models.gemma4 import TOWERS
 
     weights = _trained(run_dir)
@@ -107,8 +108,6 @@ def _split_block(name: str) -> tuple[str, int, str]:
 
 def _merged(run_dir: Path, cfg: Config, tmp: Path) -> None:
     import mlx.core as mx
-
-    from .model import resolve_path
 
     src = resolve_path(cfg.model.path)
     config = json.loads((src / "config.json").read_text(encoding="utf-8"))

@@ -6,9 +6,8 @@ for mlx-lm's `LoRALinear` / `DoRALinear` (`from_base`), whose math is PEFT's: y 
 learned magnitude over a detached weight norm. `fuse()` turns every adapted layer back into a
 plain layer with the update folded in. `method: full` unfreezes the same blocks instead.
 
-Targets are matched against a module's path inside its block ("self_attn.q_proj" is hit by
-"q_proj" or by "self_attn.q_proj"). An empty `lora.targets` takes the family's row of
-`DEFAULT_TARGETS`, or every linear layer of the block for a family not in the table.
+Targets are matched as `targets.hits` says. An empty `lora.targets` takes the family's row of
+`targets.DEFAULT_TARGETS`, or every linear layer of the block for a family not in the table.
 """
 
 from __future__ import annotations
@@ -19,31 +18,9 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import LoRAConfig
 from .errors import ConfigError
-
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
-
-# model_type -> module names adapted by default: attention and MLP, as Unsloth and most
-# recipes do. Families whose projections are fused or named differently get their own row.
-DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
-    **dict.fromkeys(
-        ("gemma4", "gemma4_text", "gemma3n", "gemma3", "gemma3_text", "gemma2", "gemma"),
-        ATTENTION + MLP,
-    ),
-    **dict.fromkeys(
-        ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "granite"), ATTENTION + MLP
-    ),
-    "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
-    "gpt_neox": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
-}
+from .targets import DEFAULT_TARGETS, EMBEDDERS, TOWER_TARGETS, hits
 
 LINEAR_TYPES = (nn.Linear, nn.QuantizedLinear)
-
-# Gemma 4's towers: attention and MLP / feed-forward projections. Their matrices sit in a
-# ClippableLinear's `.linear`, which is what gets adapted (as PEFT does).
-TOWER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "post", "gate_proj", "up_proj",
-                 "down_proj", "ffw_layer_1", "ffw_layer_2")  # fmt: skip
-EMBEDDERS = ("embed_vision", "embed_audio")
 
 
 def blocks(model: nn.Module, num_layers: int | None) -> list[tuple[int, nn.Module]]:
@@ -51,11 +28,6 @@ def blocks(model: nn.Module, num_layers: int | None) -> list[tuple[int, nn.Modul
     layers = list(model.layers)
     first = 0 if num_layers is None else max(len(layers) - num_layers, 0)
     return list(enumerate(layers))[first:]
-
-
-def _hits(path: str, targets: tuple[str, ...]) -> bool:
-    path = path.removesuffix(".linear")  # a ClippableLinear's matrix counts as the layer itself
-    return any(path == t or path.endswith("." + t) for t in targets)
 
 
 def apply(model: nn.Module, cfg: LoRAConfig, model_type: str) -> list[str]:
@@ -72,7 +44,7 @@ def apply(model: nn.Module, cfg: LoRAConfig, model_type: str) -> list[str]:
         f"{prefix}.{i}.{path}"
         for i, block in chosen
         for path, m in block.named_modules()
-        if isinstance(m, LINEAR_TYPES) and (not targets or _hits(path, targets))
+        if isinstance(m, LINEAR_TYPES) and (not targets or hits(path, targets))
     ]
     if not paths:
         wanted = ", ".join(targets) or "any linear layer"
@@ -97,7 +69,7 @@ def _tower_paths(model: nn.Module, name: str) -> list[str]:
     return [
         f"{name}.{path}"
         for path, m in model[name].named_modules()
-        if isinstance(m, LINEAR_TYPES) and _hits(path, TOWER_TARGETS)
+        if isinstance(m, LINEAR_TYPES) and hits(path, TOWER_TARGETS)
     ]
 
 

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +28,10 @@ from mlx.utils import tree_flatten
 from .config import ModelConfig
 from .data.media import MediaPlan
 from .errors import ModelError
+from .hub import resolve_path
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 QUANT_GROUP_SIZE = 64
-_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 @dataclass
@@ -53,27 +52,6 @@ class Loaded:
         if not hasattr(self.model, "embed"):
             return None
         return MediaPlan.from_checkpoint(self.path, self.config, image_soft_tokens)
-
-
-def resolve_path(path: str | None) -> Path:
-    """A local model folder, or a Hugging Face repo id fetched (or found in the cache)."""
-    if not path:
-        raise ModelError("model.path: not set")
-    local = Path(path).expanduser()
-    if local.exists() or not _REPO_ID.match(path):
-        if not (local / "config.json").is_file():
-            what = "no config.json in" if local.is_dir() else "folder not found:"
-            raise ModelError(f"model.path: {what} {path}")
-        return local
-    from mlx_lm.utils import _download
-
-    try:
-        return Path(_download(path))
-    except Exception as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ModelError(
-            f"model.path: could not fetch {path} from the Hugging Face hub: {reason}"
-        ) from None
 
 
 def load(cfg: ModelConfig) -> Loaded:

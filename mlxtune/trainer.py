@@ -38,6 +38,7 @@ from .data.rows import read_rows
 from .errors import ConfigError, ModelError
 from .io import atomic_folder
 from .progress import Reporter, truncate_metrics
+from .runs import all_checkpoints, check_run_dir, total_steps, write_final
 
 GATHER_MULTIPLE = 64  # loss positions pad up to this (or to the chunk), bounding compiled shapes
 GATHER_MIN = 16  # ... or, when fewer, to a power of two from this: short answers stay cheap
@@ -225,12 +226,6 @@ def schedule(t: TrainConfig, total: int) -> Callable:
     )
 
 
-def total_steps(t: TrainConfig, micro_per_epoch: int) -> int:
-    if t.iters:
-        return t.iters
-    return max(1, math.ceil((t.epochs or 1.0) * micro_per_epoch / t.grad_accum))
-
-
 def evaluate(engine: Engine, data: Dataset, max_batches: int | None = None) -> dict:
     """Validation loss (mean over target tokens) and perplexity."""
     model, cfg = engine.model, engine.cfg
@@ -247,20 +242,6 @@ def evaluate(engine: Engine, data: Dataset, max_batches: int | None = None) -> d
     model.train(was_training)
     loss = total / max(tokens, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
-
-
-def check_run_dir(cfg: Config, resume: bool) -> Path:
-    """The run folder, if it may be used: empty, overwritable, or being resumed."""
-    run_dir = Path(cfg.output.dir)
-    if resume:
-        if not checkpoint.all_checkpoints(run_dir):
-            raise ModelError(f"{run_dir}: no checkpoint to resume from")
-    elif run_dir.exists() and any(run_dir.iterdir()) and not cfg.output.overwrite:
-        raise ConfigError(
-            f"output.dir: {run_dir} is not empty; resume it with --resume {run_dir} "
-            "or set output.overwrite=true"
-        )
-    return run_dir
 
 
 def train(cfg: Config, resume: bool = False, echo: Callable[[str], None] | None = None) -> Path:
@@ -288,7 +269,7 @@ def train(cfg: Config, resume: bool = False, echo: Callable[[str], None] | None 
     optimizer.init(model.trainable_parameters())
     state = checkpoint.RunState()
     if resume:
-        state = checkpoint.restore(checkpoint.all_checkpoints(run_dir)[-1], model, optimizer)
+        state = checkpoint.restore(all_checkpoints(run_dir)[-1], model, optimizer)
         truncate_metrics(run_dir / "metrics.jsonl", state.step)  # steps after it are redone
         say(f"resuming {run_dir} at step {state.step}/{total}")
         if state.step >= total:
@@ -353,17 +334,9 @@ def train(cfg: Config, resume: bool = False, echo: Callable[[str], None] | None 
             state = checkpoint.RunState(step, position)
             checkpoint.save(run_dir, state, model, optimizer, engine.write_adapter,
                             cfg.output.keep_checkpoints)  # fmt: skip
-    _write_final(run_dir, engine)
+    write_final(run_dir, engine.write_adapter)
     say(f"done: {run_dir}")
     return run_dir
-
-
-def _write_final(run_dir: Path, engine: Engine) -> None:
-    with atomic_folder(run_dir / ".final", replace=True) as tmp:
-        engine.write_adapter(tmp)
-    for f in (run_dir / ".final").iterdir():
-        f.replace(run_dir / f.name)
-    (run_dir / ".final").rmdir()
 
 
 def _window() -> dict:

@@ -1,0 +1,75 @@
+"""Checkpoints of the torch twin: the same folder layout as mlxtune/checkpoint.py.
+
+    checkpoints/step-0000040/
+        trainable.safetensors   the trained parameters, under the model's module names
+        optimizer.safetensors   AdamW moments and step counts, flattened
+        state.json              step, data position (epoch, index), the torch RNG state
+        adapter_model.safetensors + adapter_config.json   the adapter as of this step (PEFT)
+
+Written into a temp folder and renamed; only the newest `keep` are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mlxtune.data.batching import Position
+from mlxtune.errors import ModelError
+from mlxtune.io import atomic_folder
+from mlxtune.runs import CHECKPOINTS, RunState, all_checkpoints
+
+__all__ = ["RunState", "save", "restore", "all_checkpoints"]
+
+
+def save(run_dir: Path, state: RunState, model: torch.nn.Module, optimizer, write_adapter:
+         Callable[[Path], None], keep: int) -> Path:  # fmt: skip
+    target = Path(run_dir) / CHECKPOINTS / f"step-{state.step:07d}"
+    names = {id(p): k for k, p in model.named_parameters() if p.requires_grad}
+    with atomic_folder(target, replace=True) as tmp:
+        save_file({k: p.detach().cpu().contiguous() for k, p in model.named_parameters()
+                   if p.requires_grad}, str(tmp / "trainable.safetensors"))  # fmt: skip
+        moments = {}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                for key, value in optimizer.state.get(p, {}).items():
+                    value = value if torch.is_tensor(value) else torch.tensor(float(value))
+                    moments[f"{names[id(p)]}::{key}"] = value.detach().cpu().contiguous()
+        save_file(moments, str(tmp / "optimizer.safetensors"))
+        write_adapter(tmp)
+        rng = torch.get_rng_state().tolist()
+        info = {"step": state.step, "epoch": state.position.epoch,
+                "index": state.position.index, "rng": rng}  # fmt: skip
+        (tmp / "state.json").write_text(json.dumps(info) + "\n", encoding="utf-8")
+    if keep:
+        for old in all_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def restore(ckpt: Path, model: torch.nn.Module, optimizer) -> RunState:
+    try:
+        info = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
+        weights = load_file(str(ckpt / "trainable.safetensors"))
+        moments = load_file(str(ckpt / "optimizer.safetensors"))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{ckpt}: unreadable checkpoint ({e})") from None
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    if {k: tuple(v.shape) for k, v in weights.items()} != {k: tuple(p.shape)
+                                                            for k, p in params.items()}:  # fmt: skip
+        raise ModelError(f"{ckpt}: does not match this model and lora config")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(weights[k].to(p.device, p.dtype))
+    for key, value in moments.items():
+        name, _, slot = key.partition("::")
+        p = params[name]
+        optimizer.state.setdefault(p, {})[slot] = (
+            value.to(p.device) if slot != "step" else value)  # fmt: skip
+    torch.set_rng_state(torch.tensor(info["rng"], dtype=torch.uint8))
+    return RunState(info["step"], Position(info["epoch"], info["index"]))

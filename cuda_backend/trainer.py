@@ -1,0 +1,305 @@
+"""train() and evaluate() on PyTorch: the twin of mlxtune/trainer.py, same config, same run folder.
+
+The data (rows, chat templates, packing, pictures and audio), the adapter files, the metrics,
+the run folder and the step count are the MLX engine's own, framework-free code. What is torch
+here: the model (transformers), LoRA (`lora.LoRALinear`), the chunked loss, AdamW, checkpoints.
+The loss of a step is the mean over every target token of its micro-batches; only positions that
+carry loss go through the head. Packed examples get position ids that restart at each example,
+from which transformers builds per-example attention masks.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from mlxtune import adapters
+from mlxtune.config import Config, TrainConfig
+from mlxtune.data.batching import Batch, Dataset, Stream, media_arrays, ordered_batches, prepare
+from mlxtune.data.media import MediaPlan
+from mlxtune.data.rows import read_rows
+from mlxtune.errors import ConfigError, ModelError
+from mlxtune.io import atomic_folder
+from mlxtune.progress import Reporter, truncate_metrics
+from mlxtune.runs import all_checkpoints, check_run_dir, total_steps, write_final
+
+from . import checkpoint, lora
+from . import model as model_lib
+from .loss import chunked_loss
+
+GATHER_MULTIPLE = 64
+
+
+@dataclass
+class Engine:
+    """A model ready to train or evaluate: loaded, adapted, split for the chunked loss."""
+
+    loaded: model_lib.Loaded
+    cfg: Config
+    adapted: list[str]
+    hf_names: dict[str, str]  # module path -> the checkpoint's module name
+    split: model_lib.Split | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.loaded.model
+
+    @property
+    def media(self) -> MediaPlan | None:
+        return self.loaded.media_plan(self.cfg.data.image_soft_tokens)
+
+    def dataset(self, path: str) -> Dataset:
+        d = self.cfg.data
+        return prepare(read_rows(path), self.loaded.tokenizer, d.max_seq_len, d.loss_on,
+                       d.overlong, self.loaded.stop_ids, self.media)  # fmt: skip
+
+    def adapter(self) -> adapters.Adapter:
+        """The trained LoRA tensors in PEFT's layout, under the checkpoint's module names."""
+        modules = {}
+        for path in self.adapted:
+            layer = self.model.get_submodule(path)
+            modules[self.hf_names[path]] = adapters.LoraTensors(
+                layer.lora_A.detach().float().cpu().numpy(),
+                layer.lora_B.detach().float().cpu().numpy(),
+                None if layer.m is None else layer.m.detach().float().cpu().numpy(),
+            )
+        return adapters.Adapter(self.cfg.lora, modules, str(self.cfg.model.path))
+
+    def write_adapter(self, folder: Path) -> None:
+        if self.cfg.lora.method == "full":
+            from safetensors.torch import save_file
+
+            params = {
+                k: p.detach().cpu().contiguous() for k, p in lora.trainable(self.model).items()
+            }
+            save_file(params, str(folder / "trainable.safetensors"))
+        else:
+            adapters.save(folder, self.adapter())
+
+
+def setup(cfg: Config, adapter: str | Path | None = None) -> Engine:
+    """Load the model and adapt it: fresh LoRA layers from cfg.lora, or a saved adapter."""
+    loaded = model_lib.load(cfg.model)
+    torch.manual_seed(cfg.train.seed)  # LoRA's A matrices are drawn here
+    if adapter is not None:
+        cfg, adapted, hf_names = attach(loaded, cfg, Path(adapter))
+    else:
+        adapted = lora.apply(loaded.model, cfg.lora, loaded.model_type)
+        hf_names = {}
+        if cfg.lora.method != "full":
+            theirs = [k.removesuffix(".weight") for k in adapters.tensor_shapes(loaded.path)]
+            hf_names = adapters.match_names(adapted, theirs)
+    if cfg.train.grad_checkpoint:
+        loaded.model.gradient_checkpointing_enable({"use_reentrant": False})
+    chunked = cfg.train.ce_chunk_tokens and cfg.lora.method != "full"
+    split = model_lib.split_head(loaded.model) if chunked else None
+    return Engine(loaded, cfg, adapted, hf_names, split)
+
+
+def attach(loaded: model_lib.Loaded, cfg: Config, folder: Path):
+    """Put a saved adapter (PEFT layout, from either backend, or PEFT itself) onto the model."""
+    model = loaded.model
+    model.requires_grad_(False)
+    full = folder / "trainable.safetensors"
+    if full.is_file() and not (folder / adapters.WEIGHTS).is_file():
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(full)), strict=False)
+        return replace(cfg, lora=replace(cfg.lora, method="full")), [], {}
+    saved = adapters.load(folder)
+    try:
+        to_ours = adapters.match_names(list(saved.modules), lora.linear_paths(model))
+    except ModelError as e:
+        raise ModelError(f"{folder}: adapter does not match the model: {e}") from None
+    lora.swap(model, list(to_ours.values()), saved.lora)
+    with torch.no_grad():
+        for hf, path in to_ours.items():
+            layer, t = model.get_submodule(path), saved.modules[hf]
+            pairs = [(layer.lora_A, t.a), (layer.lora_B, t.b)] + (
+                [(layer.m, t.magnitude)] if t.magnitude is not None else [])  # fmt: skip
+            for param, value in pairs:
+                if tuple(param.shape) != tuple(value.shape):
+                    raise ModelError(f"{folder}: adapter does not match the model: {hf} has "
+                                     f"shape {value.shape}, the layer needs {tuple(param.shape)}")  # fmt: skip
+                param.copy_(torch.from_numpy(np.asarray(value)).to(param.device, param.dtype))
+    model.requires_grad_(False)
+    return replace(cfg, lora=saved.lora), list(to_ours.values()), {v: k for k, v in to_ours.items()}
+
+
+def batch_loss(engine: Engine, inputs, positions, gather, targets, weights, media, grad=True):
+    """Sum of token losses at the gathered positions (weights 0 on padding entries)."""
+    model, split = engine.model, engine.split
+    if split is None:
+        logits = model(input_ids=inputs, position_ids=positions, use_cache=False, **media).logits
+        flat = logits.reshape(-1, logits.shape[-1])[gather]
+        ce = nn.functional.cross_entropy(flat.float(), targets, reduction="none")
+        return (ce * weights).sum()
+    hidden = split.body(inputs, positions, media)
+    hidden = hidden.reshape(-1, hidden.shape[-1])[gather]
+    return chunked_loss(split.head, engine.cfg.train.ce_chunk_tokens, grad)(
+        hidden, targets, weights
+    )
+
+
+def device_arrays(engine: Engine, batch: Batch, multiple: int) -> tuple:
+    """The micro-batch on the model's device, loss positions gathered on the host."""
+    where = engine.loaded.device
+    w = batch.weights.reshape(-1)
+    gather = np.flatnonzero(w)
+    size = max(-(-len(gather) // multiple) * multiple, multiple)
+    gather = np.pad(gather, (0, size - len(gather)))
+    weights = np.zeros(size, np.float32)
+    weights[: int((w > 0).sum())] = 1.0
+    targets = batch.targets.reshape(-1)[gather]
+    dtype = next(p for p in engine.model.parameters() if p.is_floating_point()).dtype
+    media = model_lib.media_kwargs(media_arrays(batch.placed, batch.inputs.size), dtype, where)
+    arrays = (batch.inputs.astype(np.int64), model_lib.positions(batch.segments),
+              gather.astype(np.int64), targets.astype(np.int64), weights)  # fmt: skip
+    return (*(torch.from_numpy(a).to(where) for a in arrays), media)
+
+
+def schedule(t: TrainConfig, total: int) -> Callable[[int], float]:
+    """The learning-rate multiplier at each step: warmup, then cosine / linear / constant."""
+    decay = max(total - t.warmup_steps, 1)
+
+    def factor(step: int) -> float:
+        if step < t.warmup_steps:
+            return step / t.warmup_steps
+        done = min((step - t.warmup_steps) / decay, 1.0)
+        if t.lr_schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * done))
+        return 1.0 - done if t.lr_schedule == "linear" else 1.0
+
+    return factor
+
+
+def evaluate(engine: Engine, data: Dataset, max_batches: int | None = None) -> dict:
+    """Validation loss (mean over target tokens) and perplexity."""
+    cfg, model = engine.cfg, engine.model
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    batches = ordered_batches(data, cfg.train.batch_size, cfg.data.max_seq_len, cfg.data.packing)
+    with torch.no_grad():
+        for batch in batches[:max_batches]:
+            total += float(batch_loss(engine, *device_arrays(engine, batch, GATHER_MULTIPLE),
+                                      grad=False))  # fmt: skip
+            tokens += batch.loss_tokens
+    model.train(was_training)
+    loss = total / max(tokens, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
+
+
+def train(cfg: Config, resume: bool = False, echo: Callable[[str], None] | None = None) -> Path:
+    """Fine-tune as `cfg` says; returns the run folder. `resume` continues cfg.output.dir."""
+    run_dir = check_run_dir(cfg, resume)
+    if not cfg.data.train:
+        raise ConfigError("data.train: not set")
+    engine = setup(cfg)
+    model, t = engine.model, cfg.train
+    say = echo or (lambda line: print(line, flush=True))
+    train_data = engine.dataset(cfg.data.train)
+    valid_data = engine.dataset(cfg.data.valid) if cfg.data.valid else None
+    for name, data in (("train", train_data), ("valid", valid_data)):
+        if data is not None:
+            say(data.stats.line(name, cfg.data.max_seq_len))
+    if not resume:
+        with atomic_folder(run_dir, replace=True) as tmp:
+            (tmp / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+    stream = Stream(train_data, t.batch_size, cfg.data.max_seq_len, cfg.data.packing, t.seed)
+    total = total_steps(t, len(stream.plan(0)))
+    params = list(lora.trainable(model).values())
+    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+    lr_at = schedule(t, total)
+    state = checkpoint.RunState()
+    if resume:
+        state = checkpoint.restore(all_checkpoints(run_dir)[-1], model, optimizer)
+        truncate_metrics(run_dir / "metrics.jsonl", state.step)
+        say(f"resuming {run_dir} at step {state.step}/{total}")
+    say(f"training {lora.count(lora.trainable(model)):,} parameters ({cfg.lora.method}, "
+        f"{len(engine.adapted)} modules) on {engine.loaded.device}, {total} steps"
+        + ("" if engine.split else "; loss on full logits"))  # fmt: skip
+    reporter = Reporter(run_dir / "metrics.jsonl", total, say)
+    offload = cfg.train.offload_checkpoints and engine.loaded.device.type == "cuda"
+    model.train()
+    _reset_peak(engine)
+    window, position, step = _window(), state.position, state.step
+    while step < total:
+        step += 1
+        for group in optimizer.param_groups:
+            group["lr"] = t.learning_rate * lr_at(step - 1)
+        step_tokens = 0
+        for _ in range(t.grad_accum):
+            batch, position = stream.take(position)
+            with _saved_on_host(offload):
+                loss = batch_loss(engine, *device_arrays(engine, batch, GATHER_MULTIPLE))
+            loss.backward()
+            window["loss"] += float(loss.detach())
+            step_tokens += batch.loss_tokens
+            window["real"] += batch.real_tokens
+            window["slots"] += batch.inputs.size
+        for p in params:  # the step's loss is the mean over all its target tokens
+            if p.grad is not None:
+                p.grad.mul_(1.0 / max(step_tokens, 1))
+        norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        window["tokens"] += step_tokens
+        window["steps"] += 1
+        if step % t.report_every == 0 or step == total:
+            elapsed = time.perf_counter() - window["t0"]
+            reporter.train(step, window["loss"] / window["tokens"], optimizer.param_groups[0]["lr"],
+                           window["real"] / elapsed, window["real"] / window["slots"],
+                           _peak_gb(engine), elapsed / window["steps"],
+                           grad_norm=round(float(norm), 4), loss_tokens=window["tokens"],
+                           real_tokens=window["real"], elapsed_s=round(elapsed, 4))  # fmt: skip
+            window = _window()
+        if valid_data is not None and (
+            step == total or (t.eval_every and step % t.eval_every == 0)
+        ):
+            r = evaluate(engine, valid_data, t.eval_batches)
+            reporter.valid(step, r["loss"], r["perplexity"], r["tokens"])
+        if step == total or (t.save_every and step % t.save_every == 0):
+            checkpoint.save(run_dir, checkpoint.RunState(step, position), model, optimizer,
+                            engine.write_adapter, cfg.output.keep_checkpoints)  # fmt: skip
+    write_final(run_dir, engine.write_adapter)
+    say(f"done: {run_dir}")
+    return run_dir
+
+
+def _saved_on_host(offload: bool):
+    """With offload_checkpoints on CUDA, what autograd saves (the checkpointed layers' inputs)
+    waits in pinned host memory until backward."""
+    import contextlib
+
+    if not offload:
+        return contextlib.nullcontext()
+    return torch.autograd.graph.save_on_cpu(pin_memory=True)
+
+
+def _reset_peak(engine: Engine) -> None:
+    if engine.loaded.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gb(engine: Engine) -> float:
+    """Peak device memory (CUDA's allocator), or the process's peak resident set on the CPU."""
+    if engine.loaded.device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 1e9
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (rss if sys.platform == "darwin" else rss * 1024) / 1e9
+
+
+def _window() -> dict:
+    return {"loss": 0.0, "tokens": 0, "real": 0, "slots": 0, "steps": 0, "t0": time.perf_counter()}

@@ -1,0 +1,324 @@
+"""The PyTorch twin: same functions, same LoRA formula and adapter files as the MLX engine and
+PEFT, the sparse (and streamed) Llama 4 MoE equal to transformers', NF4, and a short run equal
+to a transformers + PEFT run. On the CPU here; the same code runs on CUDA."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from conftest import DATA, run_overrides  # noqa: E402
+
+from cuda_backend import lora as tlora  # noqa: E402
+from cuda_backend import moe, nf4  # noqa: E402
+from cuda_backend import trainer as ttrainer  # noqa: E402
+from mlxtune.config import load_config  # noqa: E402
+from mlxtune.data.batching import collate  # noqa: E402
+
+# What each twin module must offer, with the same meaning on both sides.
+CONTRACT = {
+    "trainer": ["Engine", "setup", "attach", "batch_loss", "device_arrays", "schedule",
+                "evaluate", "train"],
+    "lora": ["apply", "swap", "linear_paths", "trainable", "count", "fuse"],
+    "model": ["Loaded", "Split", "load", "split_head"],
+    "loss": ["chunked_loss", "full_logits_loss"],
+    "checkpoint": ["RunState", "save", "restore"],
+}  # fmt: skip
+
+
+def public(module) -> set[str]:
+    return {n for n, v in vars(module).items() if not n.startswith("_") and callable(v)}
+
+
+@pytest.mark.parametrize("name", sorted(CONTRACT))
+def test_the_twins_expose_the_same_functions(name):
+    ours = public(importlib.import_module(f"mlxtune.{name}"))
+    theirs = public(importlib.import_module(f"cuda_backend.{name}"))
+    assert set(CONTRACT[name]) <= ours, set(CONTRACT[name]) - ours
+    assert set(CONTRACT[name]) <= theirs, set(CONTRACT[name]) - theirs
+    for fn in ("setup", "attach", "train", "evaluate", "chunked_loss", "apply"):
+        if fn in CONTRACT[name]:
+            mlx_params = list(inspect.signature(getattr(
+                importlib.import_module(f"mlxtune.{name}"), fn)).parameters)  # fmt: skip
+            torch_params = list(inspect.signature(getattr(
+                importlib.import_module(f"cuda_backend.{name}"), fn)).parameters)  # fmt: skip
+            assert mlx_params == torch_params, fn
+
+
+# ------------------------------------------------------------------------------- LoRA layer
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_lora_layer_is_peft_s_formula(dora):
+    torch.manual_seed(0)
+    base = torch.nn.Linear(24, 16, bias=False)
+    ours = tlora.LoRALinear.from_base(base, r=4, scale=2.0, dora=dora)
+    with torch.no_grad():
+        ours.lora_B.normal_()
+    reference = peft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(24, 16, bias=False)),
+                                    peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"],
+                                                    use_dora=dora))  # fmt: skip
+    layer = reference.base_model.model[0]
+    with torch.no_grad():
+        layer.base_layer.weight.copy_(base.weight)
+        layer.lora_A["default"].weight.copy_(ours.lora_A)
+        layer.lora_B["default"].weight.copy_(ours.lora_B)
+        if dora:
+            layer.lora_magnitude_vector["default"].weight.copy_(ours.m)
+    x = torch.randn(5, 24)
+    torch.testing.assert_close(ours(x), reference(x), atol=1e-6, rtol=1e-5)
+    ours(x).square().sum().backward()
+    reference(x).square().sum().backward()
+    torch.testing.assert_close(ours.lora_A.grad, layer.lora_A["default"].weight.grad, atol=1e-5,
+                               rtol=1e-4)  # fmt: skip
+    fused = ours.fuse()
+    torch.testing.assert_close(fused(x), ours(x), atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------- adapters across backends
+
+
+def _logits_torch(engine, ids):
+    with torch.no_grad():
+        return engine.model(input_ids=torch.tensor(ids)).logits.float().numpy()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma4"])
+def test_an_mlx_adapter_gives_the_same_logits_in_the_twin_and_in_peft(trained, tiny, arch):
+    from mlxtune import trainer as mtrainer
+
+    run_dir = trained(arch)
+    cfg = load_config(run_dir / "config.yaml", ["model.backend=cuda"])
+    twin = ttrainer.setup(cfg, adapter=run_dir)
+    ids = [[2, 40, 50, 60, 70, 80, 90]]
+    mlx_engine = mtrainer.setup(load_config(run_dir / "config.yaml"), adapter=run_dir)
+    import mlx.core as mx
+
+    ours = np.array(mlx_engine.model(mx.array(ids)))
+    np.testing.assert_allclose(_logits_torch(twin, ids), ours, atol=1e-4)
+    auto = transformers.AutoModelForImageTextToText if arch == "gemma4" else \
+        transformers.AutoModelForCausalLM  # fmt: skip
+    reference = peft.PeftModel.from_pretrained(auto.from_pretrained(tiny(arch)), run_dir).eval()
+    with torch.no_grad():
+        theirs = reference(input_ids=torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(_logits_torch(twin, ids), theirs, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def twin_run(tiny, tmp_path_factory):
+    """trained(arch, *overrides) on the PyTorch twin, cached."""
+    runs = {}
+
+    def get(arch, *extra):
+        key = (arch, *extra)
+        if key not in runs:
+            out = tmp_path_factory.mktemp("twin") / "run"
+            cfg = load_config(None, run_overrides(tiny(arch), out, "model.backend=cuda", *extra))
+            runs[key] = ttrainer.train(cfg, echo=lambda line: None)
+        return runs[key]
+
+    return get
+
+
+@pytest.mark.parametrize("arch, method", [("llama", "lora"), ("llama", "dora"), ("gemma4", "lora")])
+def test_a_twin_adapter_gives_the_same_logits_in_mlx_and_peft(twin_run, tiny, arch, method):
+    import mlx.core as mx
+
+    from mlxtune import trainer as mtrainer
+
+    run_dir = twin_run(arch, f"lora.method={method}")
+    config = json.loads((run_dir / "adapter_config.json").read_text())
+    assert config["use_dora"] == (method == "dora") and config["target_modules"]
+    ids = [[2, 40, 50, 60, 70, 80, 90]]
+    twin = ttrainer.setup(load_config(run_dir / "config.yaml"), adapter=run_dir)
+    mlx_engine = mtrainer.setup(load_config(run_dir / "config.yaml", ["model.backend=mlx"]),
+                                adapter=run_dir)  # fmt: skip
+    np.testing.assert_allclose(np.array(mlx_engine.model(mx.array(ids))), _logits_torch(twin, ids),
+                               atol=1e-4)  # fmt: skip
+    auto = transformers.AutoModelForImageTextToText if arch == "gemma4" else \
+        transformers.AutoModelForCausalLM  # fmt: skip
+    reference = peft.PeftModel.from_pretrained(auto.from_pretrained(tiny(arch)), run_dir).eval()
+    with torch.no_grad():
+        theirs = reference(input_ids=torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(_logits_torch(twin, ids), theirs, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma4"])
+def test_packed_batch_loss_equals_the_mlx_engine(trained, arch):
+    """Same adapter, same packed batch: the twin's loss (transformers' packed masks from restarted
+    positions, torch chunked loss) equals the MLX engine's."""
+    from mlxtune import trainer as mtrainer
+
+    run_dir = trained(arch)
+    cfg = load_config(run_dir / "config.yaml", ["train.ce_chunk_tokens=16"])
+    mlx_engine = mtrainer.setup(cfg, adapter=run_dir)
+    twin = ttrainer.setup(load_config(run_dir / "config.yaml", ["model.backend=cuda",
+                                                                "train.ce_chunk_tokens=16"]),
+                          adapter=run_dir)  # fmt: skip
+    data = twin.dataset(str(DATA / "chat_train.jsonl"))
+    batch = collate(data.examples[:5], [[0, 1], [2, 3], [4]], cfg.data.max_seq_len)
+    ours = mtrainer.batch_loss(mlx_engine.model, mlx_engine.split, 16,
+                               *mtrainer.device_arrays(batch, 64)).item()  # fmt: skip
+    with torch.no_grad():
+        theirs = float(ttrainer.batch_loss(twin, *ttrainer.device_arrays(twin, batch, 64)))
+    assert twin.split is not None
+    np.testing.assert_allclose(theirs, ours, rtol=1e-4)
+
+
+def test_a_multimodal_batch_through_transformers_gemma4_equals_the_mlx_engine(tiny, tmp_path):
+    """Pictures and a clip, collated by our code, through transformers' own Gemma 4."""
+    from mlxtune import demo
+    from mlxtune import trainer as mtrainer
+
+    train_file, _ = demo.write_media_task(tmp_path / "task", n_train=6, n_valid=3)
+    sets = [f"model.path={tiny('gemma4')}", "model.dtype=float32", "data.image_soft_tokens=70",
+            "data.max_seq_len=512"]  # fmt: skip
+    mlx_engine = mtrainer.setup(load_config(None, sets))
+    twin = ttrainer.setup(load_config(None, [*sets, "model.backend=cuda"]))
+    data = twin.dataset(str(train_file))
+    batch = collate(data.examples, [[0, 1, 2], [3, 4, 5]], 512)
+    assert {m.kind for _, m in batch.placed} == {"image", "audio"}
+    ours = mtrainer.batch_loss(mlx_engine.model, mlx_engine.split, 128,
+                               *mtrainer.device_arrays(batch, 64)).item()  # fmt: skip
+    with torch.no_grad():
+        theirs = float(ttrainer.batch_loss(twin, *ttrainer.device_arrays(twin, batch, 64)))
+    np.testing.assert_allclose(theirs, ours, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------- Llama 4
+
+
+@pytest.fixture(scope="module")
+def hf_moe(tiny):
+    model = transformers.AutoModelForImageTextToText.from_pretrained(tiny("llama4"),
+                                                                      dtype=torch.float32)  # fmt: skip
+    return next(m for m in model.modules() if m.__class__.__name__ == "Llama4TextMoe")
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["in-model", "streamed"])
+def test_sparse_moe_equals_transformers_forward_and_input_gradient(hf_moe, streamed):
+    store = None
+    if streamed:
+        store = moe.ExpertStore(hf_moe.experts.gate_up_proj, hf_moe.experts.down_proj, chunk=3,
+                                quantize=False)  # fmt: skip
+    sparse = moe.SparseMoe(hf_moe, store)
+    torch.manual_seed(0)
+    x = torch.randn(3, 41, hf_moe.hidden_dim, requires_grad=True)
+    want, want_logits = hf_moe(x)
+    grad = torch.randn_like(want)
+    (want_dx,) = torch.autograd.grad(want, x, grad)
+    got, got_logits = sparse(x)
+    (got_dx,) = torch.autograd.grad(got, x, grad.reshape(got.shape))
+    torch.testing.assert_close(got, want.reshape(got.shape), atol=1e-5, rtol=0)
+    torch.testing.assert_close(got_dx, want_dx, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got_logits, want_logits, atol=1e-6, rtol=0)
+
+
+def test_nf4_packs_4_127_bits_per_weight_within_a_quantization_step():
+    torch.manual_seed(0)
+    w = torch.randn(256, 1024)
+    packed = nf4.quantize(w)
+    assert packed.nbytes * 8 / w.numel() == pytest.approx(nf4.BITS, abs=1e-3)
+    back = nf4.dequantize(packed)
+    step = nf4.LEVELS.diff().max() / 2  # half the widest gap between levels
+    blocks = w.view(-1, nf4.BLOCK).abs().amax(1, keepdim=True)
+    err = ((back - w).view(-1, nf4.BLOCK) / blocks).abs().max()
+    assert err <= step + 1e-2
+    layer = torch.nn.Linear(1024, 256, bias=False)
+    layer.weight.data.copy_(w)
+    q = nf4.NF4Linear.from_linear(layer)
+    x = torch.randn(3, 1024)
+    torch.testing.assert_close(q(x), x @ back.T, atol=1e-4, rtol=1e-4)
+
+
+def _llama4_run_losses(tiny, tmp_path, extra=()):
+    cfg = load_config(None, run_overrides(tiny("llama4"), tmp_path / "run", "model.backend=cuda",
+                                          "train.report_every=1", "train.iters=6",
+                                          "train.lr_schedule=constant", *extra))  # fmt: skip
+    run_dir = ttrainer.train(cfg, echo=lambda line: None)
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return cfg, [r["loss"] for r in rows if r["kind"] == "train"]
+
+
+def test_a_llama4_lora_run_equals_transformers_plus_peft(tiny, tmp_path):
+    """Six steps of our twin (sparse MoE, packed rows, chunked loss) against transformers' dense
+    Llama 4 with PEFT LoRA on the same targets, the same initial adapter, the same examples run
+    one by one, the same AdamW: the same loss at every step."""
+    cfg, ours = _llama4_run_losses(tiny, tmp_path)
+    engine = ttrainer.setup(cfg)  # the same seed draws the same initial LoRA A matrices
+    targets = sorted({engine.hf_names[p] for p in engine.adapted})
+    assert not any("router" in t or "experts" in t for t in targets)
+    assert any("shared_expert" in t for t in targets)
+    base = transformers.AutoModelForImageTextToText.from_pretrained(tiny("llama4"),
+                                                                     dtype=torch.float32)  # fmt: skip
+    reference = peft.get_peft_model(base, peft.LoraConfig(r=cfg.lora.rank,
+                                                          lora_alpha=cfg.lora.alpha,
+                                                          target_modules=targets))  # fmt: skip
+    with torch.no_grad():
+        for path in engine.adapted:
+            layer = reference.base_model.model.get_submodule(engine.hf_names[path])
+            ours_layer = engine.model.get_submodule(path)
+            layer.lora_A["default"].weight.copy_(ours_layer.lora_A)
+            layer.lora_B["default"].weight.copy_(ours_layer.lora_B)
+    params = [p for p in reference.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=0.0)
+    from mlxtune.data.batching import Position, Stream
+
+    data = engine.dataset(cfg.data.train)
+    stream = Stream(data, cfg.train.batch_size, cfg.data.max_seq_len, cfg.data.packing,
+                    cfg.train.seed)  # fmt: skip
+    position, theirs = Position(), []
+    for _ in range(len(ours)):
+        batch, position = stream.take(position)
+        total = torch.zeros(())
+        for r, row in enumerate(batch.segments):
+            for s in set(row.tolist()) - {0}:
+                cols = np.flatnonzero(row == s)
+                ids = torch.tensor(
+                    np.append(batch.inputs[r, cols], batch.targets[r, cols[-1]])
+                ).long()
+                w = torch.tensor(batch.weights[r, cols])
+                logits = reference(input_ids=ids[None]).logits[0, :-1]
+                ce = torch.nn.functional.cross_entropy(logits, ids[1:], reduction="none")
+                total = total + (ce * w).sum()
+        (total / batch.loss_tokens).backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad()
+        theirs.append(float(total) / batch.loss_tokens)
+    np.testing.assert_allclose(ours, theirs, rtol=2e-4)
+
+
+def test_streamed_nf4_experts_train_and_checkpoints_resume(tiny, tmp_path):
+    """offload_experts + quantize 4 (the 24 GB recipe's shape, on the CPU): the loss falls, and a
+    run stopped at step 3 and resumed gives the same curve as a straight run."""
+    extra = ("model.offload_experts=true", "model.expert_chunk=2", "model.quantize=4",
+             "train.grad_checkpoint=true", "train.save_every=3", "lora.dropout=0.1")  # fmt: skip
+    cfg, straight = _llama4_run_losses(tiny, tmp_path / "a", extra)
+    assert straight[-1] < straight[0]
+    stopped = load_config(None, [*run_overrides(tiny("llama4"), tmp_path / "b" / "run",
+                                                "model.backend=cuda", "train.report_every=1",
+                                                "train.iters=3", "train.lr_schedule=constant",
+                                                *extra)])  # fmt: skip
+    run_dir = ttrainer.train(stopped, echo=lambda line: None)
+    resumed = load_config(run_dir / "config.yaml", [f"output.dir={run_dir}", "train.iters=6"])
+    ttrainer.train(resumed, resume=True, echo=lambda line: None)
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose([r["loss"] for r in rows if r["kind"] == "train"], straight,
+                               rtol=1e-5)  # fmt: skip
+
+
+def test_the_router_is_never_adapted(tiny):
+    cfg = load_config(None, [f"model.path={tiny('llama4')}", "model.backend=cuda",
+                             "lora.targets=[router, q_proj]"])  # fmt: skip
+    engine = ttrainer.setup(cfg)
+    assert engine.adapted and all("router" not in p for p in engine.adapted)
+    assert tlora.count(tlora.trainable(engine.model)) > 0
