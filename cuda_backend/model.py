@@ -6,7 +6,7 @@
   (bitsandbytes on CUDA, `nf4.NF4Linear` elsewhere; the head and embeddings stay as they are).
   Llama 4's MoE layers become sparse top-1 layers (`moe.SparseMoe`); with
   `model.offload_experts`, their routed experts move into host RAM (NF4 with quantize: 4) and
-  stream through the GPU.
+  stream through the GPU, and on CUDA the input embedding stays in host RAM too.
 - `split_head()`: the model as body (-> final hidden states, media merged) + head, so the loss
   can run the head in chunks; checked against the model's own logits.
 - `positions()`: position ids that restart at each packed example. transformers then masks
@@ -86,12 +86,27 @@ def load(cfg: ModelConfig) -> Loaded:
                           quantize=cfg.quantize == 4)  # fmt: skip
     where = device()
     model.to(where)
+    if stores and where.type == "cuda":  # the input embedding stays in host RAM, as the plan says
+        model.set_input_embeddings(HostEmbedding(model.get_input_embeddings(), where))
     if cfg.quantize:
         if cfg.quantize != 4:
             raise ModelError("model.quantize: the cuda backend stores 4-bit NF4 only; use 4")
         _quantize_linears(model)
     model.eval()
     return Loaded(model, tokenizer, config, path, _stop_ids(config, tokenizer), where, stores)
+
+
+class HostEmbedding(nn.Module):
+    """An input embedding whose table stays in host RAM: rows are gathered there, then sent."""
+
+    def __init__(self, embedding: nn.Embedding, where: torch.device):
+        super().__init__()
+        self.table = embedding.weight.detach().cpu()  # not a parameter: .to() leaves it here
+        self.where = where
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = nn.functional.embedding(ids.cpu(), self.table)
+        return rows.pin_memory().to(self.where, non_blocking=True)
 
 
 def _quantize_linears(model: nn.Module) -> None:

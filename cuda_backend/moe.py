@@ -8,7 +8,9 @@ layer at 2k tokens. `SparseMoe` computes the same function on the chosen expert 
     y = shared_expert(x) + expert_e(x * s)       (the score scales the expert's *input*)
 
 Tokens are grouped by expert and each expert runs once on its group. The router is frozen; the
-score still passes gradient to x, as in transformers.
+score still passes gradient to x, as in transformers. With per-layer gradient checkpointing the
+layer's forward runs twice; `replay` keeps the routed output of the first run (in host memory,
+the size of a checkpoint) for the second, so the experts still stream only twice per step.
 
 With an `ExpertStore`, the routed experts live outside the model, in (pinned) host memory,
 optionally in NF4, and `StreamedExperts` visits them chunk by chunk: on CUDA the next chunk is
@@ -36,6 +38,9 @@ class ExpertStore:
         self.gate_up = [pack(gate_up[e].cpu()) for e in range(self.n)]
         self.down = [pack(down[e].cpu()) for e in range(self.n)]
         self.dtype = gate_up.dtype
+        self.passes = 0  # full sweeps over the experts (each streams every expert once)
+        self.replay = False  # keep the forward's output for a checkpointed layer's recompute
+        self._kept: torch.Tensor | None = None
         if torch.cuda.is_available():  # pinned pages copy to the GPU without staging
             pin = (lambda p: p.pin()) if quantize else (lambda t: t.pin_memory())
             self.gate_up, self.down = [pin(t) for t in self.gate_up], [pin(t) for t in self.down]
@@ -51,6 +56,7 @@ class ExpertStore:
         """(first expert, [(gate_up, down) per expert of the chunk]) on `device`, in order; on
         CUDA the copy of chunk i + 1 overlaps the compute of chunk i."""
         starts = list(range(0, self.n, self.chunk))
+        self.passes += 1
         if device.type != "cuda":
             for s in starts:
                 yield s, [(self._weight(g), self._weight(d)) for g, d in
@@ -91,7 +97,13 @@ class StreamedExperts(torch.autograd.Function):
     """routed_in [T, D] (already scaled), expert index [T] -> routed_out [T, D]."""
 
     @staticmethod
-    def forward(ctx, routed_in, idx, store: ExpertStore):
+    def forward(ctx, routed_in, idx, store: ExpertStore, mode: str | None = None):
+        """mode "keep": remember the output for the recompute; "replay": that recompute."""
+        ctx.save_for_backward(routed_in, idx)
+        ctx.store = store
+        if mode == "replay":
+            out, store._kept = store._kept.to(routed_in.device), None  # no second stream
+            return out
         out = torch.zeros_like(routed_in)
         groups = dict(_groups(idx, store.n))
         for start, weights in store.chunks(routed_in.device):
@@ -100,8 +112,8 @@ class StreamedExperts(torch.autograd.Function):
                 if len(rows):
                     out[rows] = _swiglu(routed_in[rows], gate_up().to(routed_in.dtype),
                                         down().to(routed_in.dtype))  # fmt: skip
-        ctx.save_for_backward(routed_in, idx)
-        ctx.store = store
+        if mode == "keep":  # host memory, the size of one checkpoint
+            store._kept = out.detach().to("cpu", non_blocking=True) if out.is_cuda else out.detach()
         return out
 
     @staticmethod
@@ -119,7 +131,7 @@ class StreamedExperts(torch.autograd.Function):
                         y = _swiglu(x, gate_up().to(x.dtype), down().to(x.dtype))
                     (g,) = torch.autograd.grad(y, x, grad_out[rows])
                     grad_in[rows] = g
-        return grad_in, None, None
+        return grad_in, None, None, None
 
 
 def _swiglu(x, gate_up, down):
@@ -147,7 +159,7 @@ class SparseMoe(nn.Module):
         scores = torch.sigmoid(top.float()).to(x.dtype)
         routed_in = x * scores[:, None]
         if self.store is not None:
-            routed = StreamedExperts.apply(routed_in, idx, self.store)
+            routed = StreamedExperts.apply(routed_in, idx, self.store, self._mode())
         else:
             routed = torch.zeros_like(routed_in)
             for e, rows in _groups(idx, self.num_experts):
@@ -155,6 +167,13 @@ class SparseMoe(nn.Module):
                     routed = routed.index_put((rows,), _swiglu(
                         routed_in[rows], self.experts.gate_up_proj[e], self.experts.down_proj[e]))  # fmt: skip
         return self.shared_expert(x) + routed, logits
+
+    def _mode(self) -> str | None:
+        store = self.store
+        if not (store.replay and torch.is_grad_enabled()):
+            return None
+        recompute = torch._C._current_graph_task_id() != -1  # called from inside backward
+        return "replay" if recompute and store._kept is not None else "keep"
 
 
 def sparsify(model: nn.Module, stream: bool = False, chunk: int = 16,

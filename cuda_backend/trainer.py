@@ -99,6 +99,8 @@ def setup(cfg: Config, adapter: str | Path | None = None) -> Engine:
             hf_names = adapters.match_names(adapted, theirs)
     if cfg.train.grad_checkpoint:
         loaded.model.gradient_checkpointing_enable({"use_reentrant": False})
+        for store in loaded.stores:
+            store.replay = True
     chunked = cfg.train.ce_chunk_tokens and cfg.lora.method != "full"
     split = model_lib.split_head(loaded.model) if chunked else None
     return Engine(loaded, cfg, adapted, hf_names, split)

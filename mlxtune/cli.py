@@ -236,10 +236,35 @@ def split(file, valid, seed):
 @cli.command()
 @click.argument("config", type=click.Path(dir_okay=False))
 @set_option
-def plan(config, overrides):
-    """Plan GPU or unified memory for CONFIG before training (Maverick on 24 GB...)."""
-    _load(config, overrides)
-    _not_built("mlxtune plan", 6)
+@click.option("--vram-gb", type=float, default=None,
+              help="GPU memory (cuda) or unified memory (mlx); default 24 for cuda, this machine's "
+                   "memory for mlx.")  # fmt: skip
+@click.option("--ram-gb", type=float, default=None, help="Host RAM (cuda); default this machine's.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan(config, overrides, vram_gb, ram_gb, as_json):
+    """Memory plan for CONFIG before anything loads: bytes per component on the GPU (or unified
+    memory) and in host RAM, a verdict, and the bytes streamed per step. Exits 1 if it does not
+    fit."""
+    from . import env
+    from . import plan as planner
+
+    cfg = _load(config, overrides)
+    total, _ = env.memory_bytes()
+    machine = total / 2**30 if total else None
+    if vram_gb is None:
+        vram_gb = 24.0 if cfg.model.backend == "cuda" else machine
+    p = planner.plan(cfg, vram_gb, ram_gb if ram_gb is not None else machine)
+    if as_json:
+        rows = [{"name": r.name, "gpu_bytes": r.gpu, "host_bytes": r.host, "note": r.note}
+                for r in p.rows]  # fmt: skip
+        click.echo(json.dumps({"model": p.model, "backend": p.backend, "params": vars(p.counts),
+                               "tokens_per_step": p.tokens, "rows": rows, "gpu_bytes": p.gpu,
+                               "host_bytes": p.host, "streamed_bytes_per_step": p.streamed_per_step,
+                               "verdict": p.verdict()}, indent=2))  # fmt: skip
+    else:
+        click.echo(p.table())
+        click.echo(p.verdict())
+    sys.exit(0 if p.fits else 1)
 
 
 @cli.command()

@@ -61,7 +61,6 @@ def test_bad_override_exits_2():
     "args, issue",
     [
         (["data", "stats", "x.jsonl"], 8),
-        (["plan", str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")], 6),
     ],
 )
 def test_unbuilt_commands_say_so(args, issue):
