@@ -10,6 +10,7 @@ from which transformers builds per-example attention masks.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -162,7 +163,8 @@ def device_arrays(engine: Engine, batch: Batch, multiple: int) -> tuple:
     weights[: int((w > 0).sum())] = 1.0
     targets = batch.targets.reshape(-1)[gather]
     dtype = next(p for p in engine.model.parameters() if p.is_floating_point()).dtype
-    media = model_lib.media_kwargs(media_arrays(batch.placed, batch.inputs.size), dtype, where)
+    packed = media_arrays(batch.placed, batch.inputs.size, round_up=False)
+    media = model_lib.media_kwargs(packed, dtype, where)
     arrays = (batch.inputs.astype(np.int64), model_lib.positions(batch.segments),
               gather.astype(np.int64), targets.astype(np.int64), weights)  # fmt: skip
     return (*(torch.from_numpy(a).to(where) for a in arrays), media)
@@ -280,8 +282,6 @@ def train(cfg: Config, resume: bool = False, echo: Callable[[str], None] | None 
 def _saved_on_host(offload: bool):
     """With offload_checkpoints on CUDA, what autograd saves (the checkpointed layers' inputs)
     waits in pinned host memory until backward."""
-    import contextlib
-
     if not offload:
         return contextlib.nullcontext()
     return torch.autograd.graph.save_on_cpu(pin_memory=True)
@@ -290,17 +290,36 @@ def _saved_on_host(offload: bool):
 def _reset_peak(engine: Engine) -> None:
     if engine.loaded.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    else:
+        reset_peak_rss()
 
 
 def _peak_gb(engine: Engine) -> float:
-    """Peak device memory (CUDA's allocator), or the process's peak resident set on the CPU."""
+    """Peak device memory (CUDA's allocator), or the process's peak resident set on the CPU
+    since training started (Linux; the process's lifetime peak elsewhere)."""
     if engine.loaded.device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 1e9
+    return peak_rss() / 1e9
+
+
+def reset_peak_rss() -> None:
+    """Linux: start the resident-set high-water mark (VmHWM) afresh."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss() -> int:
+    """Bytes: VmHWM on Linux, else getrusage's lifetime peak."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     import resource
     import sys
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (rss if sys.platform == "darwin" else rss * 1024) / 1e9
+    return rss if sys.platform == "darwin" else rss * 1024
 
 
 def _window() -> dict:

@@ -341,3 +341,28 @@ def test_checkpointed_streaming_visits_each_expert_twice_per_step(tiny):
         grads.append({k: p.grad.clone() for k, p in tlora.trainable(engine.model).items()})
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], atol=1e-6, rtol=1e-5)
+
+
+def test_the_twin_trains_gemma4_on_pictures_and_audio(tiny, tmp_path):
+    from mlxtune import demo
+
+    train_file, valid_file = demo.write_media_task(tmp_path / "task", n_train=8, n_valid=3)
+    cfg = load_config(None, [f"model.path={tiny('gemma4')}", "model.backend=cuda",
+                             f"data.train={train_file}", f"data.valid={valid_file}",
+                             f"output.dir={tmp_path / 'run'}", "data.image_soft_tokens=70",
+                             "data.max_seq_len=512", "train.iters=3", "train.batch_size=2",
+                             "train.report_every=1", "train.learning_rate=1e-2"])  # fmt: skip
+    run_dir = ttrainer.train(cfg, echo=lambda line: None)
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in rows] == ["train", "train", "train", "valid"]
+    assert all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_llama4_default_targets_are_attention_shared_expert_and_dense_ffn(tiny):
+    engine = ttrainer.setup(load_config(None, [f"model.path={tiny('llama4')}",
+                                               "model.backend=cuda"]))  # fmt: skip
+    names = set(engine.hf_names.values())
+    assert any(".self_attn.q_proj" in n for n in names)
+    assert any(".feed_forward.shared_expert.down_proj" in n for n in names)
+    assert any(n.endswith("layers.0.feed_forward.gate_proj") for n in names)  # a dense layer
+    assert not any("router" in n or "experts." in n for n in names)

@@ -168,8 +168,8 @@ def collate(examples: list[Encoded], rows: list[list[int]], max_seq_len: int) ->
     return Batch(inputs, targets, weights, segments, tuple(placed))
 
 
-def media_arrays(placed, positions: int, soft_rows: dict[str, int] | None = None
-                 ) -> dict[str, np.ndarray]:  # fmt: skip
+def media_arrays(placed, positions: int, soft_rows: dict[str, int] | None = None,
+                 round_up: bool = True) -> dict[str, np.ndarray]:  # fmt: skip
     """The media of a micro-batch as the model takes them (empty for a text batch).
 
     For each kind (image, audio): the tower's inputs (`pack_media`) and `{kind}_take`, the rows
@@ -177,6 +177,8 @@ def media_arrays(placed, positions: int, soft_rows: dict[str, int] | None = None
     its soft tokens computed elsewhere (that many rows, which the caller adds as `{kind}_soft`,
     padded to `soft_block()` rows). `source[p]` is the row of [token embeddings (one per
     position); image rows; audio rows] that position p takes: itself, or its soft token.
+    `round_up`: pad the number of images and clips to a power of two with empty ones (for a
+    compiled step; transformers' Gemma 4 would count an empty image as one soft token).
     """
     if not placed:
         return {}
@@ -191,7 +193,7 @@ def media_arrays(placed, positions: int, soft_rows: dict[str, int] | None = None
         if kind in soft_rows:
             block = soft_block(soft_rows[kind])
         else:
-            arrays, take = pack_media([m for _, m in items])
+            arrays, take = pack_media([m for _, m in items], round_up)
             out |= arrays | {f"{kind}_take": take}
             block = len(take)
         where = np.concatenate([np.arange(p + 1, p + 1 + m.tokens) for p, m in items])

@@ -26,6 +26,7 @@ class Sizes:
     vocab_size: int | None = None  # >= tokenizer size; the extra rows are never produced
     tower_hidden: int | None = None  # Gemma 4: width of the vision and audio towers
     tower_layers: int | None = None  # Gemma 4: layers of each tower
+    experts: int | None = None  # Llama 4: routed experts per MoE layer
 
 
 def make_tiny(out_dir: str | Path, arch: str, seed: int = 0, sizes: Sizes = Sizes()) -> Path:

@@ -96,9 +96,9 @@ def _w(*shape):
     return shape, "normal"
 
 
-def _text(h, n_layers, vocab_size, ids, eos):
+def _text(h, n_layers, vocab_size, ids, eos, experts=4):
     heads, kv_heads, head_dim = 4, 2, h // 4
-    inter, inter_dense, experts = h // 2, 2 * h, 4  # Maverick: 8192 per expert, 16384 dense
+    inter, inter_dense = h // 2, 2 * h  # Maverick: 8192 per expert, 16384 dense
     moe_layers = list(range(1, n_layers, 2))  # interleave_moe_layer_step 2: layers 1, 3, ...
     config = {
         "model_type": "llama4_text",
@@ -225,7 +225,7 @@ def _vision(h):
 def build(ids, vocab_size, sizes):
     h = sizes.hidden_size or 64
     eos = [ids["<|end_of_text|>"], ids["<|eom|>"], ids["<|eot|>"]]
-    text_config, params = _text(h, sizes.num_layers or 4, vocab_size, ids, eos)
+    text_config, params = _text(h, sizes.num_layers or 4, vocab_size, ids, eos, sizes.experts or 4)
     vision_config, vision_params = _vision(h)
     config = {
         "architectures": ["Llama4ForConditionalGeneration"],
