@@ -69,7 +69,7 @@ def _num_layers(model_dir: Path) -> int:
 def _mlx_lm(run_dir: Path, cfg: Config, tmp: Path) -> None:
     import mlx.core as mx
 
-    from .models.gemma4 import TOWERS
+    from .models._towers import TOWERS
 
     weights = _trained(run_dir)
     towers = sorted({k.split(".", 1)[0] for k in weights} & set(TOWERS))

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .data.batching import media_arrays
-from .data.encode import Encoded, expand_media
+from .data.encode import Encoded, expand_media, surround_placeholders
 from .data.media import MediaPlan
 from .data.rows import Row
 
@@ -43,6 +43,7 @@ def chat_prompt(tokenizer, row: Row, plan: MediaPlan | None = None) -> Prompt:
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     if not row.media or plan is None:
         return Prompt(text=text)
+    text = surround_placeholders(text, tokenizer, plan)
     ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
     ex = expand_media(Encoded(ids, np.zeros(len(ids), bool), row.where), row, plan)
     return Prompt(ids=ex.ids, media=media_arrays([(m.start, m) for m in ex.media], len(ex.ids)))
@@ -72,7 +73,8 @@ def stream(model, wrapper, prompt: Prompt | str, max_tokens: int, temp: float = 
 
     if isinstance(prompt, str):
         prompt = Prompt(text=prompt)
-    kwargs: dict = {"max_tokens": max_tokens, "sampler": make_sampler(temp=temp)}
+    kwargs: dict = {"max_tokens": max_tokens, "sampler": make_sampler(temp=temp),
+                    "logits_processors": [_known_ids(len(wrapper._tokenizer))]}  # fmt: skip
     tokens: str | mx.array = prompt.text
     if prompt.ids is not None:
         tokens = mx.array(prompt.ids)
@@ -80,6 +82,19 @@ def stream(model, wrapper, prompt: Prompt | str, max_tokens: int, temp: float = 
         kwargs["input_embeddings"] = model.embed(tokens[None], media)[0]
     for response in stream_generate(model, wrapper, tokens, **kwargs):
         yield response.text
+
+
+def _known_ids(n: int):
+    """A logits processor that keeps generation to the tokenizer's ids: a model's vocabulary
+    can be larger (Gemma 3n's multimodal ids, padded rows), and no text decodes from those."""
+    import mlx.core as mx
+
+    def keep(_tokens, logits):
+        if logits.shape[-1] <= n:
+            return logits
+        return mx.where(mx.arange(logits.shape[-1]) < n, logits, -mx.inf)
+
+    return keep
 
 
 def complete(model, wrapper, prompt: Prompt | str, max_tokens: int) -> str:

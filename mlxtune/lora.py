@@ -66,11 +66,16 @@ def _tower_paths(model: nn.Module, name: str) -> list[str]:
     if name not in model:
         key = name.removesuffix("_tower")
         raise ConfigError(f"lora.{key}: this model has no {name}")
-    return [
+    paths = [
         f"{name}.{path}"
         for path, m in model[name].named_modules()
         if isinstance(m, LINEAR_TYPES) and hits(path, TOWER_TARGETS)
     ]
+    if not paths:  # Gemma 3n's MobileNetV5 is convolutions only
+        key = name.removesuffix("_tower")
+        raise ConfigError(f"lora.{key}: this model's {name} has no linear layers to adapt; "
+                          "lora.train_embedders trains what maps its output into the text model")  # fmt: skip
+    return paths
 
 
 def linear_paths(model: nn.Module) -> list[str]:

@@ -58,24 +58,64 @@ def load(cfg: ModelConfig) -> Loaded:
     from mlx_lm.utils import load as mlx_lm_load
     from mlx_lm.utils import quantize_model
 
+    from .models import gemma4
+
     path = resolve_path(cfg.path)
+    if _model_type(path) == "gemma3n":  # mlx-lm cannot load it (see models/gemma3n.py)
+        return _load_gemma3n(cfg, path)
     try:
         model, wrapper, config = mlx_lm_load(str(path), return_config=True)
     except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
         reason = str(e).splitlines()[0]
         raise ModelError(f"model.path: {path}: mlx-lm cannot load this model: {reason}") from None
-    if cfg.dtype != "auto":
-        dtype = DTYPES[cfg.dtype]
-        model.apply(lambda a: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a)
+    _cast(model, cfg.dtype)
     if cfg.quantize:
         if "quantization" in config:
             raise ModelError(f"model.quantize: {path} is already quantized; set it to null")
         model, config = quantize_model(model, config, QUANT_GROUP_SIZE, cfg.quantize)
-    from .models import gemma4
-
     if gemma4.is_multimodal(config):  # the towers stay unquantized, in the compute dtype
         model = gemma4.wrap(model, config, path)
     mx.eval(model.parameters())
+    stop_ids = frozenset(int(i) for i in wrapper.eos_token_ids)
+    return Loaded(model, wrapper._tokenizer, wrapper, config, path, stop_ids)
+
+
+def _model_type(path: Path) -> str:
+    import json
+
+    try:
+        return str(json.loads((path / "config.json").read_text(encoding="utf-8"))["model_type"])
+    except (OSError, ValueError, KeyError):
+        return ""  # mlx-lm's loader says what is wrong
+
+
+def _cast(model: nn.Module, dtype: str) -> None:
+    if dtype != "auto":
+        to = DTYPES[dtype]
+        model.apply(lambda a: a.astype(to) if mx.issubdtype(a.dtype, mx.floating) else a)
+
+
+def _load_gemma3n(cfg: ModelConfig, path: Path) -> Loaded:
+    """Our own Gemma 3n; the decoder (not the towers) quantized for QLoRA, as mlx-lm would."""
+    from mlx_lm.utils import load_tokenizer
+
+    from .models import gemma3n
+
+    config = gemma3n.read_config(path)
+    if "quantization" in config:
+        raise ModelError(f"model.path: {path}: quantized Gemma 3n checkpoints are not supported; "
+                         "use the original weights with model.quantize")  # fmt: skip
+    model = gemma3n.load(path, config)
+    _cast(model, cfg.dtype)
+    if cfg.quantize:
+        nn.quantize(model.language_model, QUANT_GROUP_SIZE, cfg.quantize,
+                    class_predicate=lambda _, m: hasattr(m, "to_quantized")
+                    and m.weight.shape[-1] % QUANT_GROUP_SIZE == 0)  # fmt: skip
+        config["quantization"] = {"group_size": QUANT_GROUP_SIZE, "bits": cfg.quantize}
+    mx.eval(model.parameters())
+    eos = config["text_config"].get("eos_token_id")
+    eos = [eos] if isinstance(eos, int) else eos
+    wrapper = load_tokenizer(path, eos_token_ids=eos)
     stop_ids = frozenset(int(i) for i in wrapper.eos_token_ids)
     return Loaded(model, wrapper._tokenizer, wrapper, config, path, stop_ids)
 

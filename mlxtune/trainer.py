@@ -119,7 +119,7 @@ def setup(cfg: Config, adapter: str | Path | None = None) -> Engine:
         notes.append("packing off: packed examples do not match them run alone for this model")
     soft = None
     if hasattr(loaded.model, "tower_frozen"):
-        from .models.gemma4 import SoftTokenCache
+        from .models._towers import SoftTokenCache
 
         soft = SoftTokenCache(loaded.model, int(cfg.train.media_cache_gb * 2**30))
     return Engine(loaded, cfg, adapted, hf_names, split, masked, notes, soft)

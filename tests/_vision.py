@@ -104,9 +104,10 @@ def processor_forward(path: str, arch: str) -> dict:
     }
 
 
-def gemma4_processor_ids(path: str, jsonl: str, budget: str) -> dict:
-    """input_ids from Gemma4Processor for each chat row of a JSONL file (media paths relative to
-    it; clips read as 16 kHz mono by mlxtune, since resampling is not what is compared here)."""
+def processor_ids(path: str, jsonl: str, budget: str = "") -> dict:
+    """input_ids from the family's processor (AutoProcessor: Gemma4Processor, Gemma3nProcessor)
+    for each chat row of a JSONL file (media paths relative to it; clips read as 16 kHz mono by
+    mlxtune, since resampling is not what is compared here). `budget`: Gemma 4's soft tokens."""
     from PIL import Image
     from transformers import AutoProcessor
 
@@ -123,12 +124,91 @@ def gemma4_processor_ids(path: str, jsonl: str, budget: str) -> dict:
         audio = [read_audio(folder / p["audio"], "", AudioSpec()) for p in parts
                  if p["type"] == "audio"]  # fmt: skip
         text = proc.tokenizer.apply_chat_template(messages, tokenize=False)
-        kwargs = {"images": [images]} if images else {}
+        kwargs: dict = {"images": [images]} if images else {}
         if audio:
             kwargs["audio"] = audio
-        enc = proc(text=[text], images_kwargs={"max_soft_tokens": int(budget)}, **kwargs)
+        if budget:
+            kwargs["images_kwargs"] = {"max_soft_tokens": int(budget)}
+        # the chat template already wrote <bos>: as apply_chat_template(tokenize=True) does
+        enc = proc(text=[text], add_special_tokens=False, **kwargs)
         out.append([int(i) for i in enc["input_ids"][0]])
     return {"ids": out}
+
+
+def gemma3n_vision_reference(path: str, *files: str) -> dict:
+    """Gemma 3n's vision tower (timm's MobileNetV5 in TimmWrapperModel), float32, eval mode.
+    `files` are (pixels.npy, out.npy) pairs: NCHW pixels in [0, 1] in, `last_hidden_state`
+    ([B, 2048, 16, 16]) out. Several inputs share one model load (the subprocess is the cost)."""
+    import numpy as np
+    import torch
+    from transformers import Gemma3nForConditionalGeneration
+
+    model = Gemma3nForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    shapes = []
+    for pixels_npy, out_npy in zip(files[::2], files[1::2], strict=True):
+        pixels = torch.from_numpy(np.load(pixels_npy)).float()
+        with torch.no_grad():
+            out = model.model.vision_tower(pixel_values=pixels, do_pooling=False, return_dict=True)
+        hidden = out.last_hidden_state.float().numpy()
+        np.save(out_npy, hidden)
+        shapes.append(list(hidden.shape))
+    return {"shapes": shapes}
+
+
+def gemma3n_forward(path: str, inputs: str, out: str, adapter: str = "") -> dict:
+    """transformers' Gemma3nForConditionalGeneration (float32, eval) on each row of the `inputs`
+    .npz alone (ids{r} [1, L], pixels{r} NCHW in [0, 1], features{r} [1, T, 128], mask{r}):
+    logits, the vision tower's output and the embedded image and audio soft tokens, to `out`.
+    With `adapter`, PEFT loads it onto the model first, and only the logits are kept."""
+    import numpy as np
+    import torch
+    from transformers import Gemma3nForConditionalGeneration
+
+    model = Gemma3nForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    if adapter:
+        import peft
+
+        peft_model = peft.PeftModel.from_pretrained(model, adapter).eval()
+    data, result = np.load(inputs), {}
+    rows = sorted(int(k[3:]) for k in data.files if k.startswith("ids"))
+    for r in rows:
+        kwargs = {"input_ids": torch.from_numpy(data[f"ids{r}"])}
+        if f"pixels{r}" in data.files:
+            kwargs["pixel_values"] = torch.from_numpy(data[f"pixels{r}"])
+        if f"features{r}" in data.files:
+            kwargs["input_features"] = torch.from_numpy(data[f"features{r}"])
+            kwargs["input_features_mask"] = torch.from_numpy(data[f"mask{r}"])
+        with torch.no_grad():
+            if adapter:
+                result[f"logits{r}"] = peft_model(**kwargs).logits.numpy()
+                continue
+            result[f"logits{r}"] = model(**kwargs).logits.numpy()
+            if "pixel_values" in kwargs:
+                pixels = kwargs["pixel_values"]
+                tower = model.model.vision_tower(pixel_values=pixels, do_pooling=False)
+                result[f"tower{r}"] = tower.last_hidden_state.flatten(2).transpose(1, 2).numpy()
+                result[f"image{r}"] = model.model.get_image_features(pixels).pooler_output.numpy()
+            if "input_features" in kwargs:
+                mask = kwargs["input_features_mask"]
+                audio = model.model.get_audio_features(kwargs["input_features"], ~mask)
+                result[f"audio{r}"] = audio.pooler_output[~audio.audio_mel_mask].numpy()
+    np.savez(out, **result)
+    return {"rows": len(rows)}
+
+
+def timm_parameters(arch: str, model_args: str) -> dict:
+    """Parameter names and shapes of `timm.create_model(arch, **json model_args)` (built on the
+    meta device: nothing is allocated), classifier head left out, and its buffers."""
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        model = timm.create_model(arch, pretrained=False, **json.loads(model_args))
+    return {
+        "shapes": {n: list(p.shape) for n, p in model.named_parameters()
+                   if not n.startswith("classifier.")},
+        "buffers": [n for n, _ in model.named_buffers()],
+    }  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -227,7 +227,7 @@ def test_placeholders_expand_as_gemma4_processor_does(tiny, engine, files):
     """Our token ids for each row equal those of transformers' Gemma4Processor (AutoProcessor,
     which needs torchvision: run in the vision subprocess)."""
     data = engine.dataset(str(files / "rows.jsonl"))
-    got = _vision.run("gemma4_processor_ids", tiny("gemma4"), files / "rows.jsonl", 70)
+    got = _vision.run("processor_ids", tiny("gemma4"), files / "rows.jsonl", 70)
     assert got["ids"] == [ex.ids.tolist() for ex in data.examples]
 
 

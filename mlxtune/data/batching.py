@@ -17,7 +17,15 @@ import numpy as np
 
 from ..errors import DataError
 from .encode import Encoded, encode
-from .media import MediaItem, MediaPlan, pool_index
+from .media import (
+    AudioSpec,
+    FixedImageSpec,
+    ImageSpec,
+    MediaItem,
+    MediaPlan,
+    USMAudioSpec,
+    pool_index,
+)
 from .rows import Row
 
 PAD_MULTIPLE = 32  # batch lengths round up to this, so a compiled step sees few shapes
@@ -196,7 +204,8 @@ def media_arrays(placed, positions: int, soft_rows: dict[str, int] | None = None
             arrays, take = pack_media([m for _, m in items], round_up)
             out |= arrays | {f"{kind}_take": take}
             block = len(take)
-        where = np.concatenate([np.arange(p + 1, p + 1 + m.tokens) for p, m in items])
+        # Placeholders past an item's tower rows (Gemma 3n's audio padding) keep their own row.
+        where = np.concatenate([np.arange(p + 1, p + 1 + m.soft) for p, m in items])
         source[where] = base + np.arange(len(where))
         base += block
     out["source"] = source
@@ -212,7 +221,7 @@ def pack_media(items: list[MediaItem], round_up: bool = True
                ) -> tuple[dict[str, np.ndarray], np.ndarray]:  # fmt: skip
     """A tower's inputs for items of one kind, and the rows of its output that are theirs.
     `round_up` pads the item count to a power of two (for a compiled step; not needed eagerly)."""
-    pack = _pack_images if items[0].kind == "image" else _pack_audio
+    pack = PACKERS[type(items[0].spec)]
     return pack(items, _pow2(len(items)) if round_up else len(items))
 
 
@@ -252,6 +261,36 @@ def _pack_audio(items: list[MediaItem], n: int):
     after = valid[:, ::2][:, ::2]  # validity after the two stride-2 convolutions
     take = np.flatnonzero(after.reshape(-1)).astype(np.int32)
     return {"audio_features": features, "audio_valid": valid}, take
+
+
+def _pack_fixed_images(items: list[MediaItem], n: int):
+    """Gemma 3n: whole images of one size; every soft token of the tower's output is real."""
+    pixels = np.zeros((n, items[0].spec.height, items[0].spec.width, 3), np.uint8)
+    for i, m in enumerate(items):
+        pixels[i] = m.arrays()[0]
+    tokens = items[0].spec.tokens
+    take = np.concatenate([i * tokens + np.arange(tokens) for i in range(len(items))])
+    return {"image_pixels": pixels}, take.astype(np.int32)
+
+
+def _pack_usm_audio(items: list[MediaItem], n: int):
+    """Gemma 3n: mel frames, zero past each clip's end (what the tower's own padding gives a clip
+    alone); the tower's output has one row per `frames_per_token` frames, of which each clip's
+    first `soft` are real."""
+    loaded = [m.arrays()[0] for m in items]
+    per = items[0].spec.frames_per_token
+    frames = _bucket(max(len(f) for f in loaded), AUDIO_FRAME_MULTIPLE)
+    features = np.zeros((n, frames, loaded[0].shape[1]), np.float32)
+    valid = np.zeros((n, frames), bool)
+    for i, f in enumerate(loaded):
+        features[i, : len(f)], valid[i, : len(f)] = f, True
+    rows = -(-frames // per)
+    take = np.concatenate([i * rows + np.arange(m.soft) for i, m in enumerate(items)])
+    return {"audio_features": features, "audio_valid": valid}, take.astype(np.int32)
+
+
+PACKERS = {ImageSpec: _pack_images, AudioSpec: _pack_audio,
+           FixedImageSpec: _pack_fixed_images, USMAudioSpec: _pack_usm_audio}  # fmt: skip
 
 
 @dataclass(frozen=True)

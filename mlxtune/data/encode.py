@@ -58,8 +58,8 @@ def encode(
             raise DataError(
                 f"{row.where}: {field}: {kind} parts need a multimodal model (Gemma 4 or Gemma 3n)"
             )
-        return expand_media(_chat(row, tokenizer, loss_on, stop_ids | {tokenizer.eos_token_id}),
-                            row, media)  # fmt: skip
+        return expand_media(_chat(row, tokenizer, loss_on, stop_ids | {tokenizer.eos_token_id},
+                                  media), row, media)  # fmt: skip
     if row.kind == "text":
         ids = _with_bos(tokenizer, tokenizer(row.text, add_special_tokens=True)["input_ids"])
         ids = ids + [tokenizer.eos_token_id]
@@ -71,9 +71,10 @@ def encode(
     return _chat(row, tokenizer, loss_on, stop_ids | {tokenizer.eos_token_id})
 
 
-def _chat(row: Row, tokenizer, loss_on: str, stop_ids: frozenset[int]) -> Encoded:
+def _chat(row: Row, tokenizer, loss_on: str, stop_ids: frozenset[int],
+          media: MediaPlan | None = None) -> Encoded:  # fmt: skip
     messages = list(row.messages)
-    full = _render(tokenizer, row, messages, generation_prompt=False)
+    full = _render(tokenizer, row, messages, generation_prompt=False, media=media)
     if loss_on == "all":
         spans = [(0, len(full))]
     else:
@@ -84,8 +85,8 @@ def _chat(row: Row, tokenizer, loss_on: str, stop_ids: frozenset[int]) -> Encode
             turns = turns[-1:]
         spans = []
         for k in turns:
-            start = _common_prefix(_render(tokenizer, row, messages[:k], True), full)
-            end = _common_prefix(_render(tokenizer, row, messages[: k + 1], False), full)
+            start = _common_prefix(_render(tokenizer, row, messages[:k], True, media), full)
+            end = _common_prefix(_render(tokenizer, row, messages[: k + 1], False, media), full)
             if end <= start:
                 raise DataError(f"{row.where}: messages[{k}]: the chat template drops this turn")
             spans.append((start, end))
@@ -131,9 +132,10 @@ def _count(kinds: list[str]) -> str:
     return " and ".join(parts) or "no media"
 
 
-def _render(tokenizer, row: Row, messages: list[dict], generation_prompt: bool) -> str:
+def _render(tokenizer, row: Row, messages: list[dict], generation_prompt: bool,
+            media: MediaPlan | None = None) -> str:  # fmt: skip
     try:
-        return tokenizer.apply_chat_template(
+        text = tokenizer.apply_chat_template(
             messages,
             tools=list(row.tools) or None,
             tokenize=False,
@@ -142,6 +144,20 @@ def _render(tokenizer, row: Row, messages: list[dict], generation_prompt: bool) 
     except Exception as e:  # jinja2 errors, raise_exception() in templates
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"{row.where}: messages: the chat template failed: {message}") from None
+    return surround_placeholders(text, tokenizer, media)
+
+
+def surround_placeholders(text: str, tokenizer, media: MediaPlan | None) -> str:
+    """The text the model's processor writes around each image and clip (Gemma 3n: a blank
+    line each side), before tokenizing, so the tokens next to a placeholder come out as the
+    processor's do."""
+    if media is None or not media.around:
+        return text
+    for i in (media.tokens.image, media.tokens.audio):
+        if i is not None:
+            mark = tokenizer.convert_ids_to_tokens(int(i))
+            text = text.replace(mark, media.around + mark + media.around)
+    return text
 
 
 def _common_prefix(a: str, b: str) -> int:

@@ -30,6 +30,8 @@ from typing import Literal
 import numpy as np
 
 from ..errors import DataError
+from .gemma3n_media import FixedImageSpec, USMAudioSpec
+from .gemma3n_media import plan as gemma3n_plan
 
 CACHE_ITEMS = 256  # decoded media kept between epochs (<= ~2 MB each at the default budget)
 _CACHE: OrderedDict = OrderedDict()
@@ -45,6 +47,15 @@ class ImageSpec:
     def side(self) -> int:
         return self.patch_size * self.pooling_kernel_size
 
+    def count(self, path: str | Path, where: str) -> tuple[int, int]:
+        """(placeholders, tower rows) of the image at `path`."""
+        img = open_image(path, where)
+        tokens = image_tokens(img.height, img.width, self)
+        return tokens, tokens
+
+    def arrays(self, path: str | Path, where: str) -> tuple[np.ndarray, np.ndarray]:
+        return image_patches(open_image(path, where), self)
+
 
 @dataclass(frozen=True)
 class AudioSpec:
@@ -59,6 +70,19 @@ class AudioSpec:
     # The feature extractor's 480,000-sample cap: longer clips are refused, not truncated.
     max_seconds: float = 30.0
     max_tokens: int = 750  # the processor's audio_seq_length
+
+    def count(self, path: str | Path, where: str) -> tuple[int, int]:
+        """(placeholders, tower rows) of the clip at `path`."""
+        samples = read_audio(path, where, self)
+        tokens = audio_tokens(len(samples), self)
+        if tokens == 0:
+            raise DataError(
+                f"{where}: {path}: the audio clip is too short ({len(samples)} samples)"
+            )
+        return tokens, tokens
+
+    def arrays(self, path: str | Path, where: str) -> tuple[np.ndarray, np.ndarray]:
+        return log_mel(read_audio(path, where, self), self)
 
 
 @dataclass(frozen=True)
@@ -101,21 +125,23 @@ class MediaItem:
     kind: Literal["image", "audio"]
     path: str
     where: str  # "file:line: messages[i].content[j].image", for errors
-    spec: ImageSpec | AudioSpec
-    tokens: int
+    spec: ImageSpec | AudioSpec | FixedImageSpec | USMAudioSpec
+    tokens: int  # placeholders in the text
     start: int = 0  # index of its begin token in the example's ids (its soft tokens follow)
+    rows: int | None = None  # of them, those the tower fills (None: all); the model pads the rest
 
-    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """(patches, positions) of an image or (features, valid) of a clip; the newest few
-        hundred are cached, so epochs after the first decode little."""
+    @property
+    def soft(self) -> int:
+        return self.tokens if self.rows is None else self.rows
+
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        """The tower's inputs for this item (`spec.arrays`); the newest few hundred are cached,
+        so epochs after the first decode little."""
         key = (self.kind, self.path, self.spec)
         if key in _CACHE:
             _CACHE.move_to_end(key)
             return _CACHE[key]
-        if self.kind == "image":
-            value = image_patches(open_image(self.path, self.where), self.spec)
-        else:
-            value = log_mel(read_audio(self.path, self.where, self.spec), self.spec)
+        value = self.spec.arrays(self.path, self.where)
         _CACHE[key] = value
         if len(_CACHE) > CACHE_ITEMS:
             _CACHE.popitem(last=False)
@@ -127,11 +153,14 @@ class MediaPlan:
     """How a model takes media: its token ids and its image / audio settings (None: no tower)."""
 
     tokens: MediaTokens
-    image: ImageSpec | None
-    audio: AudioSpec | None
+    image: ImageSpec | FixedImageSpec | None
+    audio: AudioSpec | USMAudioSpec | None
+    around: str = ""  # text the processor writes before and after each image and clip
 
     @classmethod
     def from_checkpoint(cls, folder: Path, config: dict, image_budget: int | None = None):
+        if config.get("model_type") == "gemma3n":
+            return gemma3n_plan(Path(folder), config, image_budget)
         path = Path(folder) / "processor_config.json"
         proc = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
         image = audio = None
@@ -151,16 +180,8 @@ class MediaPlan:
         spec = self.image if kind == "image" else self.audio
         if spec is None:
             raise DataError(f"{where}: this model has no {kind} input")
-        if kind == "image":
-            img = open_image(path, where)
-            return MediaItem(kind, path, where, spec, image_tokens(img.height, img.width, spec))
-        samples = read_audio(path, where, spec)
-        tokens = audio_tokens(len(samples), spec)
-        if tokens == 0:
-            raise DataError(
-                f"{where}: {path}: the audio clip is too short ({len(samples)} samples)"
-            )
-        return MediaItem(kind, path, where, spec, tokens)
+        tokens, rows = spec.count(path, where)
+        return MediaItem(kind, path, where, spec, tokens, rows=None if rows == tokens else rows)
 
     def span(self, kind: str) -> tuple[int, int, int]:
         """(begin, soft, end) token ids of a media span."""

@@ -18,22 +18,19 @@ batch which row of [token embeddings; image tokens; audio tokens] it takes.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx.utils import tree_flatten
 
-from ..data.batching import pack_media
 from ..data.media import MediaTokens
-from ..errors import ModelError
 from ._layers import Embedder
+from ._towers import SoftTokenCache, frozen_or_not, load_towers, to_mlx_layout, tower_weights
 from .gemma4_audio import AudioArgs, AudioTower
 from .gemma4_vision import VisionArgs, VisionTower
 
-TOWERS = ("vision_tower", "embed_vision", "audio_tower", "embed_audio")
+__all__ = ["Gemma4", "SoftTokenCache", "is_multimodal", "wrap"]
 
 
 def is_multimodal(config: dict) -> bool:
@@ -137,13 +134,13 @@ class Gemma4(nn.Module):
         """Soft tokens of every image, in placeholder order, at the text width."""
         soft = media.get("image_soft")
         if soft is None:
-            soft = _frozen_or_not(self.vision_tower, self.tower_tokens("image", media))
+            soft = frozen_or_not(self.vision_tower, self.tower_tokens("image", media))
         return self.embed_vision(soft.astype(self.decoder.norm.weight.dtype))
 
     def audio_features(self, media: dict) -> mx.array:
         soft = media.get("audio_soft")
         if soft is None:
-            soft = _frozen_or_not(self.audio_tower, self.tower_tokens("audio", media))
+            soft = frozen_or_not(self.audio_tower, self.tower_tokens("audio", media))
         return self.embed_audio(soft.astype(self.decoder.norm.weight.dtype))
 
     def tower_tokens(self, kind: str, media: dict) -> mx.array:
@@ -186,101 +183,13 @@ class VisionBlocks:
         return base | same
 
 
-def _frozen_or_not(tower: nn.Module, out: mx.array) -> mx.array:
-    """A frozen tower's output needs no gradient: autodiff keeps none of its activations."""
-    return out if tree_flatten(tower.trainable_parameters()) else mx.stop_gradient(out)
-
-
-class SoftTokenCache:
-    """Soft tokens of frozen towers, computed outside the training step and kept per file.
-
-    A frozen tower's output for a picture or a clip never changes, so it is computed once, in a
-    forward pass of its own (nothing kept for autodiff), and reused by later epochs and by
-    validation; the step only looks the rows up. Past `limit_bytes`, the least recently used
-    entries go first (0 keeps nothing: every step computes its own, still outside the step)."""
-
-    CHUNK = 8  # pictures or clips per tower pass
-
-    def __init__(self, model: Gemma4, limit_bytes: int):
-        self.model, self.limit = model, limit_bytes
-        self.kinds = tuple(k for k in ("image", "audio") if model.tower_frozen(k))
-        self.store: OrderedDict[tuple, mx.array] = OrderedDict()
-        self.bytes = 0
-
-    def rows(self, items: list) -> mx.array:
-        """[sum of tokens, tower width]: the items' soft tokens, in order."""
-        found = {}
-        for m in items:
-            key = (m.kind, m.path, m.spec)
-            if key in self.store:
-                self.store.move_to_end(key)
-                found[key] = self.store[key]
-        missing = list({(m.kind, m.path, m.spec): m for m in items if
-                        (m.kind, m.path, m.spec) not in found}.values())  # fmt: skip
-        for i in range(0, len(missing), self.CHUNK):
-            chunk = missing[i : i + self.CHUNK]
-            arrays, take = pack_media(chunk, round_up=False)
-            media = {k: mx.array(v) for k, v in arrays.items()}
-            media[f"{chunk[0].kind}_take"] = mx.array(take)
-            out = self.model.tower_tokens(chunk[0].kind, media)
-            out = out.astype(self.model.decoder.norm.weight.dtype)
-            mx.eval(out)
-            ends = np.cumsum([m.tokens for m in chunk])
-            for m, part in zip(chunk, mx.split(out, ends[:-1].tolist()), strict=True):
-                found[(m.kind, m.path, m.spec)] = part
-                self._keep((m.kind, m.path, m.spec), part)
-        return mx.concatenate([found[(m.kind, m.path, m.spec)] for m in items], axis=0)
-
-    def _keep(self, key: tuple, value: mx.array) -> None:
-        if value.nbytes > self.limit:
-            return
-        self.store[key] = value
-        self.bytes += value.nbytes
-        while self.bytes > self.limit:
-            _, old = self.store.popitem(last=False)
-            self.bytes -= old.nbytes
-
-
 def wrap(text_model: nn.Module, config: dict, folder: Path) -> Gemma4:
     """mlx-lm's loaded gemma4 model + the towers and embedders from the checkpoint in `folder`."""
     model = Gemma4(text_model.language_model, config)
-    weights = tower_weights(Path(folder))
-    dtype = model.decoder.norm.weight.dtype  # the compute dtype, even for a quantized decoder
-    for name in TOWERS:
-        if name not in model:
-            continue
-        items = [(k[len(name) + 1 :], v) for k, v in weights.items() if k.startswith(name + ".")]
-        module = model[name]
-        items = _to_mlx_layout(module, items)
-        try:
-            module.load_weights(items, strict=True)
-        except ValueError as e:
-            raise ModelError(f"{folder}: {name} weights do not fit: {e}") from None
-        module.apply(lambda a: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a)
+    # the compute dtype, even for a quantized decoder
+    load_towers(model, tower_weights(Path(folder)), Path(folder), model.decoder.norm.weight.dtype)
     mx.eval(model.parameters())
     return model
 
 
-def tower_weights(folder: Path) -> dict[str, mx.array]:
-    """Tensors of the towers and embedders, names without the leading `model.`."""
-    out = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        for key, value in mx.load(str(path)).items():
-            name = key.removeprefix("model.")
-            if name.split(".", 1)[0] in TOWERS:
-                out[name] = value
-    return out
-
-
-def _to_mlx_layout(module: nn.Module, items: list[tuple[str, mx.array]]):
-    """PyTorch conv kernels ([out, in, *k]) to MLX's ([out, *k, in]); already-MLX ones stay."""
-    want = dict(tree_flatten(module.parameters()))
-    out = []
-    for key, value in items:
-        shape = want.get(key, value).shape
-        if value.ndim >= 3 and value.shape != shape:
-            moved = mx.moveaxis(value, 1, -1)
-            if moved.shape == shape:
-                value = moved
-        out.append((key, value))
-    return out
+_to_mlx_layout = to_mlx_layout  # the name the tower tests import

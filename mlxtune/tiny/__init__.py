@@ -27,6 +27,9 @@ class Sizes:
     tower_hidden: int | None = None  # Gemma 4: width of the vision and audio towers
     tower_layers: int | None = None  # Gemma 4: layers of each tower
     experts: int | None = None  # Llama 4: routed experts per MoE layer
+    # Gemma 3n: the square side pictures are resized to (768 as real). MobileNetV5's attention
+    # at 768 px costs seconds per picture on a CPU; 256 keeps 256 soft tokens for quick runs.
+    image_size: int | None = None
 
 
 def make_tiny(out_dir: str | Path, arch: str, seed: int = 0, sizes: Sizes = Sizes()) -> Path:

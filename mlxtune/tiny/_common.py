@@ -59,7 +59,9 @@ class Checkpoint:
     """A family's answer: config.json, parameters by HF name, and any extra JSON/text files."""
 
     config: dict
-    params: dict[str, tuple[tuple[int, ...], str]]  # (shape, init: normal|ones|zeros|const:<v>)
+    params: dict[
+        str, tuple[tuple[int, ...], str]
+    ]  # (shape, init: normal[:<s>]|ones|zeros|const:<v>)
     files: dict[str, dict | str] = field(default_factory=dict)
 
 
@@ -183,9 +185,10 @@ def random_tensors(
             out[name] = np.zeros(shape, np.float32)
         elif init.startswith("const:"):
             out[name] = np.full(shape, float(init.removeprefix("const:")), np.float32)
-        elif init == "normal":
+        elif init == "normal" or init.startswith("normal:"):  # normal:<s> scales the std by s
             fan_in = shape[-1] if len(shape) == 2 else int(np.prod(shape[1:]))
             std = 0.02 if len(shape) < 2 else fan_in**-0.5
+            std *= float(init.removeprefix("normal").removeprefix(":") or 1)
             key = int.from_bytes(name.encode(), "little") % (2**63)
             rng = np.random.default_rng([seed, key])
             out[name] = (rng.standard_normal(shape, dtype=np.float32) * std).astype(np.float32)

@@ -118,10 +118,25 @@ VISION_ARCH = (
 )  # fmt: skip
 VISION_ARGS = {"channel_multiplier": 1 / 64, "stem_size": 8}  # stages of 8/8/16/24 channels
 
-# Gemma 3n's RMSNorm is `x * w` (RmsNorm2d in timm too), so scales start at one; so do the layer
-# scales and AltUp's `correct_output_scale` (zero in transformers' init, which would switch the
-# per-layer input path off). Everything else, biases included, is random.
-_ONES = re.compile(r"(norm|bn\d?)\.weight$|layer_scale\.gamma$|correct_output_scale$")
+# Gemma 3n's RMSNorm is `x * w` (RmsNorm2d in timm too), so scales start at one; so does AltUp's
+# `correct_output_scale` (zero in transformers' init, which would switch the per-layer input path
+# off). The towers' residual branches start at a tenth: at one, ~80 random MobileNetV5 blocks
+# (and the conformer's branches) bury the picture (the clip) under noise, and a tiny model then
+# cannot tell a red picture from a blue one, which a trained tower can. Everything else, biases
+# included, is random.
+_ONES = re.compile(r"(norm|bn\d?)\.weight$|correct_output_scale$")
+_TENTH = re.compile(
+    r"layer_scale\.gamma$|audio_tower\..*(post_layer_norm|attention\.post_norm)\.weight$"
+)
+_SMALL = re.compile(r"audio_tower\..*lconv1d\.linear_end\.weight$")
+
+
+def _init(name: str) -> str:
+    if _TENTH.search(name):
+        return "const:0.1"
+    if _SMALL.search(name):
+        return "normal:0.1"
+    return "ones" if _ONES.search(name) else "normal"
 
 
 def _divisible(v, divisor=8):
@@ -309,11 +324,14 @@ def build(ids, vocab_size, sizes):
     shapes |= _vision("model.vision_tower.timm_model.")
     shapes |= _embedder("model.embed_audio.", audio["hidden_size"], h)
     shapes |= _embedder("model.embed_vision.", VISION_HIDDEN, h)
-    params = {k: (v, "ones" if _ONES.search(k) else "normal") for k, v in shapes.items()}
+    params = {k: (v, _init(k)) for k, v in shapes.items()}
     generation = {"bos_token_id": ids["<bos>"], "eos_token_id": eos, "pad_token_id": ids["<pad>"]}
+    side = sizes.image_size or 768
+    if side % 32 or side < 256:
+        raise ValueError(f"image_size {side} must be a multiple of 32, at least 256")
     files = {
         "generation_config.json": generation,
-        "preprocessor_config.json": PREPROCESSOR,
+        "preprocessor_config.json": {**PREPROCESSOR, "size": {"height": side, "width": side}},
         "processor_config.json": {
             "processor_class": "Gemma3nProcessor",
             "audio_seq_length": AUDIO_TOKENS,
