@@ -23,9 +23,14 @@ from torch import nn
 
 from mlxtune import adapters
 from mlxtune.config import Config, TrainConfig
-from mlxtune.data.batching import Batch, Dataset, Stream, media_arrays, ordered_batches, prepare
-from mlxtune.data.media import MediaPlan
-from mlxtune.data.rows import read_rows
+from mlxtune.data.batching import (
+    Batch,
+    DataOf,
+    Dataset,
+    Stream,
+    media_arrays,
+    ordered_batches,
+)
 from mlxtune.errors import ConfigError, ModelError
 from mlxtune.io import atomic_folder
 from mlxtune.progress import Reporter, truncate_metrics
@@ -39,7 +44,7 @@ GATHER_MULTIPLE = 64
 
 
 @dataclass
-class Engine:
+class Engine(DataOf):
     """A model ready to train or evaluate: loaded, adapted, split for the chunked loss."""
 
     loaded: model_lib.Loaded
@@ -48,19 +53,6 @@ class Engine:
     hf_names: dict[str, str]  # module path -> the checkpoint's module name
     split: model_lib.Split | None
     notes: list[str] = field(default_factory=list)
-
-    @property
-    def model(self) -> nn.Module:
-        return self.loaded.model
-
-    @property
-    def media(self) -> MediaPlan | None:
-        return self.loaded.media_plan(self.cfg.data.image_soft_tokens)
-
-    def dataset(self, path: str) -> Dataset:
-        d = self.cfg.data
-        return prepare(read_rows(path), self.loaded.tokenizer, d.max_seq_len, d.loss_on,
-                       d.overlong, self.loaded.stop_ids, self.media)  # fmt: skip
 
     def adapter(self) -> adapters.Adapter:
         """The trained LoRA tensors in PEFT's layout, under the checkpoint's module names."""

@@ -26,15 +26,13 @@ from . import model as model_lib
 from .config import Config, TrainConfig
 from .data.batching import (
     Batch,
+    DataOf,
     Dataset,
     Stream,
     media_arrays,
     ordered_batches,
-    prepare,
     soft_block,
 )
-from .data.media import MediaPlan
-from .data.rows import read_rows
 from .errors import ConfigError, ModelError
 from .io import atomic_folder
 from .progress import Reporter, truncate_metrics
@@ -45,7 +43,7 @@ GATHER_MIN = 16  # ... or, when fewer, to a power of two from this: short answer
 
 
 @dataclass
-class Engine:
+class Engine(DataOf):
     """A model ready to train or evaluate: loaded, adapted, split for the chunked loss."""
 
     loaded: model_lib.Loaded
@@ -56,19 +54,6 @@ class Engine:
     masked: bool = True  # the model takes the packed-attention mask (see packs_exactly)
     notes: list[str] = field(default_factory=list)  # told to the user before training
     soft: object = None  # a multimodal model's SoftTokenCache (frozen towers' outputs)
-
-    @property
-    def model(self) -> nn.Module:
-        return self.loaded.model
-
-    @property
-    def media(self) -> MediaPlan | None:
-        return self.loaded.media_plan(self.cfg.data.image_soft_tokens)
-
-    def dataset(self, path: str) -> Dataset:
-        d = self.cfg.data
-        return prepare(read_rows(path), self.loaded.tokenizer, d.max_seq_len, d.loss_on,
-                       d.overlong, self.loaded.stop_ids, self.media)  # fmt: skip
 
     def adapter(self) -> adapters.Adapter:
         """The trained LoRA tensors in PEFT's layout, under the checkpoint's module names; any

@@ -331,3 +331,23 @@ def ordered_batches(data: Dataset, batch_size: int, max_seq_len: int, packing: b
     """Every example once, in a fixed order: for validation."""
     plan = plan_epoch(data.lengths, batch_size, max_seq_len, packing, 0, 0, shuffle=False)
     return [collate(data.examples, rows, max_seq_len) for rows in plan]
+
+
+class DataOf:
+    """What an engine (MLX or PyTorch) derives from its config and loaded checkpoint for data:
+    the media plan and prepared datasets. Needs `cfg` and `loaded` attributes."""
+
+    @property
+    def model(self):
+        return self.loaded.model
+
+    @property
+    def media(self):
+        return self.loaded.media_plan(self.cfg.data.image_soft_tokens)
+
+    def dataset(self, path: str) -> Dataset:
+        from .rows import read_rows
+
+        d = self.cfg.data
+        return prepare(read_rows(path), self.loaded.tokenizer, d.max_seq_len, d.loss_on,
+                       d.overlong, self.loaded.stop_ids, self.media)  # fmt: skip
