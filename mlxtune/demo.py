@@ -1,7 +1,7 @@
 """Tasks a tiny random model can learn in minutes, for `mlxtune demo` and the learn tests.
 
-- `media` (the demo's default, on a tiny Gemma 4; `media-3n` on a tiny Gemma 3n, which runs end
-  to end but learns it only to 22-45% so far, see README): pictures of three colours answered
+- `media` (the demo's default, on a tiny Gemma 4; `media-3n` the same on a tiny Gemma 3n, with
+  longer tones as its soft tokens hold 4x more sound): pictures of three colours answered
   with the colour's name, tones of three pitches answered with high / mid / low, and rows
   holding both ("low, red"). Every picture and clip is drawn anew (shade, speckle, size; pitch jitter,
   length, loudness, sample rate, channels), so held-out rows are new files: passing them means
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -67,18 +68,18 @@ def picture(rng: np.random.Generator, colour: str):
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-def tone(rng: np.random.Generator, pitch: str) -> tuple[np.ndarray, int]:
+def tone(rng: np.random.Generator, pitch: str, seconds=(0.3, 1.2)) -> tuple[np.ndarray, int]:
     """(samples [n, channels], rate): a sine near the pitch, with a little noise."""
     rate = int(rng.choice(RATES))
     hz = min(PITCHES[pitch] * rng.uniform(0.9, 1.1), 0.45 * rate)
-    t = np.arange(int(rate * rng.uniform(0.3, 1.2))) / rate
+    t = np.arange(int(rate * rng.uniform(*seconds))) / rate
     wave = rng.uniform(0.2, 0.4) * np.sin(2 * np.pi * hz * t + rng.uniform(0, 2 * np.pi))
     wave = wave + rng.normal(0, 0.005, len(t))
     channels = int(rng.integers(1, 3))
     return np.repeat(wave[:, None], channels, axis=1).astype(np.float32), rate
 
 
-def media_rows(folder: Path, seed: int, n: int, prefix: str) -> list[dict]:
+def media_rows(folder: Path, seed: int, n: int, prefix: str, seconds=(0.3, 1.2)) -> list[dict]:
     """n rows (a third images, a third tones, a third both), their files written to folder."""
     import soundfile as sf
 
@@ -91,7 +92,7 @@ def media_rows(folder: Path, seed: int, n: int, prefix: str) -> list[dict]:
         if kind in ("audio", "both"):
             pitch = str(rng.choice(list(PITCHES)))
             name = f"{prefix}{i:04d}.wav"
-            sf.write(folder / name, *tone(rng, pitch))
+            sf.write(folder / name, *tone(rng, pitch, seconds))
             parts.append({"type": "audio", "audio": name})
             answer.append(pitch)
         if kind in ("image", "both"):
@@ -108,12 +109,14 @@ def media_rows(folder: Path, seed: int, n: int, prefix: str) -> list[dict]:
 
 
 def write_media_task(
-    folder: Path, n_train: int = 240, n_valid: int = 60, seed: int = 0
+    folder: Path, n_train: int = 240, n_valid: int = 60, seed: int = 0, seconds=(0.3, 1.2)
 ) -> tuple[Path, Path]:
-    """train.jsonl and valid.jsonl in `folder`, with their pictures and clips beside them."""
+    """train.jsonl and valid.jsonl in `folder`, with their pictures and clips beside them;
+    clips last `seconds` (low, high), drawn uniformly."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = folder / "train.jsonl", folder / "valid.jsonl"
-    data = (media_rows(folder, seed, n_train, "t"), media_rows(folder, seed + 1000, n_valid, "v"))
+    data = (media_rows(folder, seed, n_train, "t", seconds),
+            media_rows(folder, seed + 1000, n_valid, "v", seconds))  # fmt: skip
     for path, rows_ in zip(paths, data, strict=True):
         path.write_text("".join(json.dumps(r) + "\n" for r in rows_), encoding="utf-8")
     return paths
@@ -127,9 +130,14 @@ TASKS = {
               ["data.max_seq_len=256", "data.image_soft_tokens=70", "train.iters=120",
                "train.batch_size=8", "train.learning_rate=2e-3", "train.warmup_steps=10"]),
     # Gemma 3n: 256 + 188 soft tokens per picture and clip; pictures at 256 px, as MobileNetV5's
-    # attention at the real 768 px takes seconds per picture on a CPU.
-    "media-3n": ("gemma3n", {"image_size": 256}, write_media_task,
-                 ["data.max_seq_len=512", "train.iters=120", "train.batch_size=8",
+    # attention at the real 768 px takes seconds per picture on a CPU. The real 512-token window,
+    # so every layer sees the media (the tiny default of 32 leaves them to the full layers). A
+    # soft token holds 160 ms of sound (Gemma 4's: 40 ms), so the tones last four times as long
+    # (the same 7-30 tokens of evidence); still the padded 188-token clip and the random towers
+    # take twice Gemma 4's steps.
+    "media-3n": ("gemma3n", {"image_size": 256, "sliding_window": 512},
+                 partial(write_media_task, seconds=(1.2, 4.8)),
+                 ["data.max_seq_len=512", "train.iters=240", "train.batch_size=8",
                   "train.learning_rate=2e-3", "train.warmup_steps=10"]),
     "text": ("llama", {}, write_task,
              ["data.max_seq_len=128", "train.iters=60", "train.batch_size=8",

@@ -1,7 +1,6 @@
 """Fine-tuning Gemma 3n on images and audio: LoRA in the decoder and the audio tower with trained
 embedders loads in PEFT with the same logits and merges, `mlxtune generate` takes a picture and a
-clip, gradient checkpointing changes no gradient, and the Gemma 4 learn test (slow; not yet
-passed by the tiny Gemma 3n, see the note there).
+clip, gradient checkpointing changes no gradient, and the Gemma 4 learn test passes (slow).
 
 The tiny model here resizes pictures to 256 px (still 256 soft tokens): MobileNetV5's attention
 at the real 768 px takes ~9 s per picture on a 2-core CPU. test_gemma3n_model.py covers 768."""
@@ -37,12 +36,13 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     """A short version of the demo task (rows of every kind) for the quick checks."""
-    return demo.write_media_task(tmp_path_factory.mktemp("media_task_3n"), n_train=12, n_valid=6)
+    write = demo.TASKS["media-3n"][2]
+    return write(tmp_path_factory.mktemp("media_task_3n"), n_train=12, n_valid=6)
 
 
 @pytest.fixture(scope="module")
 def full_task(tmp_path_factory):
-    return demo.write_media_task(tmp_path_factory.mktemp("media_task_3n_full"))
+    return demo.TASKS["media-3n"][2](tmp_path_factory.mktemp("media_task_3n_full"))
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +56,7 @@ def learned(model_dir, full_task, tmp_path_factory):
     return cfg, trainer.train(cfg, echo=lambda line: None)
 
 
-# Measured (see README): 22-45% held-out after 120-480 steps, while the same task takes a tiny
-# Gemma 4 to 98% in 120. The tiny random MobileNetV5 at 256 px codes position more than colour
-# in each soft token (within-picture spread 1.52 against 1.43 between colours; Gemma 4's ViT:
-# 0.31 against 9.3), so the decoder's LoRA has little to read. Strict: a fix shows up here.
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="tiny random MobileNetV5 soft tokens barely code colour")
 def test_a_tiny_gemma3n_learns_to_look_and_listen(full_task, learned):
     """Colours of pictures, pitches of tones, and both at once, on files never trained on."""
     cfg, run_dir = learned

@@ -30,6 +30,9 @@ class Sizes:
     # Gemma 3n: the square side pictures are resized to (768 as real). MobileNetV5's attention
     # at 768 px costs seconds per picture on a CPU; 256 keeps 256 soft tokens for quick runs.
     image_size: int | None = None
+    # Gemma 3n: the decoder's sliding window (tiny default 32, so test prompts cross it; the real
+    # 512 lets every layer see a picture's 256 and a clip's 188 soft tokens).
+    sliding_window: int | None = None
 
 
 def make_tiny(out_dir: str | Path, arch: str, seed: int = 0, sizes: Sizes = Sizes()) -> Path:
@@ -49,4 +52,6 @@ def make_tiny(out_dir: str | Path, arch: str, seed: int = 0, sizes: Sizes = Size
     ckpt = family.build(ids, vocab_size, sizes)
     files = {"config.json": ckpt.config, **tokenizer_files(spec, tok), **ckpt.files}
     tensors = random_tensors(ckpt.params, seed)
+    if ckpt.shape is not None:
+        ckpt.shape(tensors)
     return write_folder(Path(out_dir), files, tensors)

@@ -1,5 +1,5 @@
 """python -m mlxtune.tiny OUT_DIR --arch ARCH [--seed N] [--hidden-size H] [--layers L] [--vocab-size V]
-[--tower-hidden W] [--tower-layers N] [--image-size S]"""
+[--tower-hidden W] [--tower-layers N] [--image-size S] [--sliding-window W]"""
 
 from __future__ import annotations
 
@@ -23,12 +23,14 @@ from . import ARCHS, Sizes, make_tiny
 @click.option("--tower-layers", type=int, default=None, help="Gemma 4: layers of each tower.")
 @click.option("--image-size", type=int, default=None,
               help="Gemma 3n: side pictures are resized to (default 768, as real).")  # fmt: skip
+@click.option("--sliding-window", type=int, default=None,
+              help="Gemma 3n: the decoder's sliding window (default 32; 512 as real).")  # fmt: skip
 def main(out_dir, arch, seed, hidden_size, layers, vocab_size, tower_hidden, tower_layers,
-         image_size):  # fmt: skip
+         image_size, sliding_window):  # fmt: skip
     """Write a tiny random-weight Hugging Face checkpoint for ARCH into OUT_DIR."""
     sizes = Sizes(hidden_size=hidden_size, num_layers=layers, vocab_size=vocab_size,
                   tower_hidden=tower_hidden, tower_layers=tower_layers,
-                  image_size=image_size)  # fmt: skip
+                  image_size=image_size, sliding_window=sliding_window)  # fmt: skip
     try:
         path = make_tiny(out_dir, arch, seed=seed, sizes=sizes)
     except (ValueError, FileExistsError) as e:

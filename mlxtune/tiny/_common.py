@@ -7,6 +7,7 @@ made on a Mac that has neither installed.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -63,6 +64,8 @@ class Checkpoint:
         str, tuple[tuple[int, ...], str]
     ]  # (shape, init: normal[:<s>]|ones|zeros|const:<v>)
     files: dict[str, dict | str] = field(default_factory=dict)
+    # Edits the drawn tensors in place (for structure a per-tensor init cannot express).
+    shape: Callable[[dict[str, np.ndarray]], None] | None = None
 
 
 def build_tokenizer(spec: TokenizerSpec, learned: int = DEFAULT_LEARNED):
