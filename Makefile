@@ -12,7 +12,7 @@ PRELOAD  := $(if $(wildcard $(OPENBLAS)),LD_PRELOAD=$(OPENBLAS),)
 VISION_SITE := $(VENV)/vision-site
 VISION_PKGS := torchvision==0.28.0 timm==1.0.31
 
-.PHONY: setup openblas test test-all lint fmt bench
+.PHONY: setup openblas test test-all notebooks lint fmt bench
 
 setup: openblas
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ test:
 
 test-all:
 	$(PRELOAD) $(BIN)/python -m pytest -m ""
+
+# Every notebooks/*.ipynb top to bottom; executed copies in runs/notebooks/.
+notebooks:
+	$(PRELOAD) $(BIN)/python notebooks/run.py
 
 lint:
 	$(BIN)/ruff check .

@@ -14,7 +14,6 @@ member's); the latency overhead (a mode's wall time over the fastest and the slo
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -28,16 +27,12 @@ from .result import FusionError
 
 
 def read_tasks(path: str | Path) -> list[tuple[list[dict], str]]:
+    from mlxtune.data.rows import json_lines
+
     rows = []
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: invalid JSON: {e.msg} at column {e.colno}") from None
+    if not Path(path).is_file():
+        raise DataError(f"{path}: file not found")
+    for row, where in json_lines(Path(path)):
         if not isinstance(row, dict) or "answer" not in row:
             raise DataError(f"{where}: answer: required (the gold answer)")
         messages = row.get("messages") or (

@@ -1,7 +1,6 @@
 """The `mlxtune` command line. Imports stay lazy: `mlxtune --help` loads no mlx, torch or transformers.
 
-User errors (`MlxtuneError`) print one line, `mlxtune: error: ...`, and exit 2. A command that
-exists in the interface but is not built yet says so and exits 2: never a fake success.
+User errors (`MlxtuneError`) print one line, `mlxtune: error: ...`, and exit 2.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import MlxtuneError, NotBuiltError
+from .errors import DataError, MlxtuneError
 
 _ARGV: list[str] | None = None  # set by main(); None when driven in-process (tests, notebooks)
 
@@ -37,10 +36,6 @@ class _Group(click.Group):
 
 
 FUSION_MODES = ("best-of", "merge", "debate", "self")
-
-
-def _not_built(what: str, issue: int) -> None:
-    raise NotBuiltError(f"{what} is not built yet (tracked in issue #{issue})")
 
 
 def mlx_command(fn: Callable) -> Callable:
@@ -201,36 +196,113 @@ def data():
     """Dataset tools: validate, stats, convert, split."""
 
 
-@data.command()
-@click.argument("file", type=click.Path(dir_okay=False))
-def validate(file):
-    """Check every row of FILE (schema, roles, media files, token lengths)."""
-    _not_built("mlxtune data validate", 8)
+def _data_options(fn: Callable) -> Callable:
+    fn = set_option(fn)
+    fn = click.option("--model", "model_path", default=None,
+                      help="Model folder or hub id whose tokenizer and media plan count tokens "
+                           "(default: model.path of the config).")(fn)  # fmt: skip
+    fn = click.option("-c", "--config", "config", default=None,
+                      type=click.Path(dir_okay=False),
+                      help="Config for model.path and data.* (max_seq_len, loss_on, ...).")(fn)  # fmt: skip
+    return click.argument("file", type=click.Path(dir_okay=False))(fn)
+
+
+def _data_check(file, config, overrides, model_path):
+    from .data import check
+
+    extra = (f"model.path={model_path}",) if model_path else ()
+    cfg = _load(config, (*overrides, *extra))
+    model = check.tokenizing(cfg)
+    return check, cfg, model, check.check(file, cfg, model)
 
 
 @data.command()
-@click.argument("file", type=click.Path(dir_okay=False))
-def stats(file):
-    """Rows, modalities, token length percentiles, packing fill."""
-    _not_built("mlxtune data stats", 8)
+@_data_options
+def validate(file, config, overrides, model_path):
+    """Check every row of FILE: schema, roles, pictures and clips (decoded), and with a model
+    the token length against data.max_seq_len. A summary, then one line per problem; exits 1
+    when there is any."""
+    check, cfg, model, report = _data_check(file, config, overrides, model_path)
+    click.echo(check.summary(report))
+    if model is None:
+        click.echo("token lengths not checked: give --model PATH (or model.path in -c CONFIG)")
+    for line in report.problems:
+        click.echo(line)
+    if report.problems:
+        sys.exit(1)
+
+
+@data.command()
+@_data_options
+def stats(file, config, overrides, model_path):
+    """Rows, modalities, token length percentiles and a histogram, and how packing would fill
+    rows (with a model)."""
+    check, cfg, model, report = _data_check(file, config, overrides, model_path)
+    if not report.rows:
+        raise DataError(f"{file}: no valid rows (mlxtune data validate {file} lists the problems)")
+    for line in check.stats_lines(report, cfg, model):
+        click.echo(line)
 
 
 @data.command()
 @click.argument("src", type=click.Path(dir_okay=False))
 @click.argument("dst", type=click.Path(dir_okay=False))
-@click.option("--from", "fmt", type=click.Choice(["alpaca", "sharegpt", "csv"]), required=True)
-def convert(src, dst, fmt):
-    """Convert a community dataset format to mlxtune JSONL."""
-    _not_built("mlxtune data convert", 8)
+@click.option(
+    "--from",
+    "from_format",
+    type=click.Choice(["alpaca", "sharegpt", "csv"]),
+    help="Read SRC in this format, write mlxtune JSONL.",
+)
+@click.option(
+    "--to",
+    "to_format",
+    type=click.Choice(["alpaca", "sharegpt", "csv"]),
+    help="Read mlxtune JSONL, write DST in this format (.jsonl: one record a line; "
+    "otherwise one JSON array).",
+)
+@click.option(
+    "--prompt",
+    help="csv: the user instruction of image_path,caption and audio_path,text rows "
+    "(defaults: 'Describe this image.', 'Please transcribe this audio.').",
+)
+@click.option("--force", is_flag=True, help="Overwrite DST if it exists.")
+def convert(src, dst, from_format, to_format, prompt, force):
+    """Convert alpaca, sharegpt or csv to mlxtune JSONL (--from), or back (--to).
+
+    Relative media paths are rewritten to name the same files from DST's folder."""
+    from .data.convert import convert as run
+
+    click.echo(run(src, dst, from_format=from_format, to_format=to_format, prompt=prompt,
+                   force=force))  # fmt: skip
 
 
 @data.command()
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--valid", default=0.05, show_default=True, help="Share of rows for validation.")
-@click.option("--seed", default=0, show_default=True)
-def split(file, valid, seed):
-    """Split FILE into train and validation files."""
-    _not_built("mlxtune data split", 8)
+@click.option(
+    "--valid",
+    default="0.05",
+    show_default=True,
+    help="Validation rows: a share in (0, 1) or a count >= 1.",
+)
+@click.option("--seed", default=0, show_default=True, help="Seed of the shuffle.")
+@click.option("--force", is_flag=True, help="Overwrite existing train/valid files.")
+def split(file, valid, seed, force):
+    """Shuffle FILE and write <stem>.train.jsonl and <stem>.valid.jsonl beside it."""
+    from .data.convert import split as run
+
+    click.echo(run(file, valid, seed, force))
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False),
+              help="Image to write (.png, .svg or .pdf); default RUN_DIR/loss.png.")  # fmt: skip
+def plot(run_dir, out):
+    """Draw RUN_DIR's train and validation loss, learning rate and tokens/s against step
+    (from its metrics.jsonl) into RUN_DIR/loss.png. Needs matplotlib: pip install 'mlxtune[plot]'."""
+    from .plot import plot_run
+
+    click.echo(f"wrote {plot_run(run_dir, out)}")
 
 
 @cli.command()

@@ -17,10 +17,6 @@ class ConfigError(MlxtuneError, ValueError):
     """A config file, `--set` override or config value is wrong."""
 
 
-class NotBuiltError(MlxtuneError):
-    """A command or option that exists in the interface but has no implementation yet."""
-
-
 class DataError(MlxtuneError, ValueError):
     """A data file or row is wrong: the message starts with `path:line:` and names the field."""
 

@@ -34,8 +34,27 @@ def atomic_folder(target: Path, replace: bool = False) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def atomic_files(*targets: Path) -> Iterator[list[Path]]:
+    """Yield a temp path beside each target; on success each is renamed onto its target, on an
+    error all are removed: either every file is written or none is."""
+    temps = []
+    try:
+        for target in map(Path, targets):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            os.close(fd)
+            os.chmod(tmp, 0o644)
+            temps.append(Path(tmp))
+        yield temps
+        for tmp, target in zip(temps, targets, strict=True):
+            os.replace(tmp, target)
+    finally:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+
+
 def write_json(path: Path, obj: object) -> None:
     """Write JSON through a temp file and a rename."""
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_files(path) as (tmp,):
+        tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")

@@ -5,15 +5,11 @@ one clean line."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
+from _cli import mlxtune
 from click.testing import CliRunner
 from PIL import Image
 
@@ -22,13 +18,6 @@ from mlxtune.cli import cli
 from mlxtune.config import load_config
 from mlxtune.data.rows import read_rows
 from mlxtune.generate import exact_match
-
-EXE = shutil.which("mlxtune", path=str(Path(sys.executable).parent)) or "mlxtune"
-
-
-def mlxtune(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([EXE, *map(str, args)], capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ))  # fmt: skip
 
 
 @pytest.fixture(scope="module")

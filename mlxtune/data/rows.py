@@ -57,28 +57,48 @@ def read_rows(path: str | Path) -> list[Row]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    rows = [parse_row(obj, where, str(path.parent)) for obj, where in _json_lines(path)]
+    rows = [parse_row(obj, where, str(path.parent)) for obj, where in json_lines(path)]
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
 
 
-def _json_lines(path: Path) -> Iterator[tuple[Any, str]]:
+def scan_rows(path: str | Path) -> Iterator[Row | DataError]:
+    """Each row of a JSONL file, or the DataError of each bad line: never stops at the first
+    (for `mlxtune data validate`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    for obj, where in json_lines(path, tolerant=True):
+        if isinstance(obj, DataError):
+            yield obj
+            continue
+        try:
+            yield parse_row(obj, where, str(path.parent))
+        except DataError as e:
+            yield e
+
+
+def json_lines(path: Path, tolerant: bool = False) -> Iterator[tuple[Any, str]]:
+    """(object, "path:line") per non-blank line; a bad line raises, or with `tolerant` comes
+    as (DataError, where)."""
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             where = f"{path}:{number}"
             try:
                 line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(
-                    f"{where}: not UTF-8 (byte {e.start}: {raw[e.start]:#04x})"
-                ) from None
-            if not line.strip():
-                continue
-            try:
+                if not line.strip():
+                    continue
                 yield json.loads(line.rstrip("\r\n")), where
+            except UnicodeDecodeError as e:
+                error = DataError(f"{where}: not UTF-8 (byte {e.start}: {raw[e.start]:#04x})")
             except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON: {e.msg} at column {e.colno}") from None
+                error = DataError(f"{where}: invalid JSON: {e.msg} at column {e.colno}")
+            else:
+                continue
+            if not tolerant:
+                raise error
+            yield error, where
 
 
 def parse_row(obj: Any, where: str, folder: str = ".") -> Row:
