@@ -213,7 +213,13 @@ def _data_check(file, config, overrides, model_path):
     extra = (f"model.path={model_path}",) if model_path else ()
     cfg = _load(config, (*overrides, *extra))
     model = check.tokenizing(cfg)
-    return check, cfg, model, check.check(file, cfg, model)
+    started = time.perf_counter()
+
+    def progress(rows: int) -> None:  # on stderr, so stdout stays the report
+        pace = rows / max(time.perf_counter() - started, 1e-9)
+        click.echo(f"{rows:,} rows checked, {pace:,.0f} rows/s", err=True)
+
+    return check, cfg, model, check.check(file, cfg, model, progress)
 
 
 @data.command()

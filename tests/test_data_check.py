@@ -119,3 +119,13 @@ def test_stats_without_a_model_and_bad_config_keys(media, tmp_path):
     assert "did you mean" in r.stderr and "Traceback" not in r.stderr
     r = mlxtune("data", "stats", tmp_path / "absent.jsonl")
     assert r.returncode == 2 and "file not found" in r.stderr
+
+
+def test_long_files_show_progress_on_stderr(tmp_path):
+    rows = tmp_path / "many.jsonl"
+    rows.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(2500)))
+    r = mlxtune("data", "validate", rows)
+    assert r.returncode == 0
+    assert r.stdout.splitlines()[0] == f"{rows}: 2500 rows, 2500 ok, 0 with errors"
+    progress = r.stderr.splitlines()
+    assert [line.split(" rows checked")[0] for line in progress] == ["1,000", "2,000"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,11 +73,18 @@ def _stop_ids(folder: Path, config: dict) -> frozenset[int]:
     return frozenset(int(i) for i in ids)
 
 
-def check(path: str | Path, cfg: Config, model: Tokenizing | None) -> Report:
-    """Every row: schema, roles, media decode, and with a model its encoded length."""
+PROGRESS_EVERY = 1000  # rows between progress calls: decoding media can take minutes
+
+
+def check(path: str | Path, cfg: Config, model: Tokenizing | None,
+          progress: Callable[[int], None] | None = None) -> Report:  # fmt: skip
+    """Every row: schema, roles, media decode, and with a model its encoded length.
+    `progress(rows so far)` is called every PROGRESS_EVERY rows."""
     report = Report(Path(path))
     d = cfg.data
-    for item in scan_rows(path):
+    for n, item in enumerate(scan_rows(path), start=1):
+        if progress is not None and n % PROGRESS_EVERY == 0:
+            progress(n)
         if isinstance(item, DataError):
             report.problems.append(str(item))
             report.bad_rows += 1
