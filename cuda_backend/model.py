@@ -52,10 +52,7 @@ class Loaded:
 
     def media_plan(self, image_soft_tokens: int | None = None) -> MediaPlan | None:
         """How this model takes images and audio (Gemma 4); None otherwise."""
-        if self.model_type != "gemma4" or not (self.config.get("vision_config") or
-                                               self.config.get("audio_config")):  # fmt: skip
-            return None
-        return MediaPlan.from_checkpoint(self.path, self.config, image_soft_tokens)
+        return MediaPlan.for_model("cuda", self.path, self.config, image_soft_tokens)
 
 
 def device() -> torch.device:

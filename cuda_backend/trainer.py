@@ -33,7 +33,7 @@ from mlxtune.data.batching import (
 )
 from mlxtune.errors import ConfigError, ModelError
 from mlxtune.io import atomic_folder
-from mlxtune.progress import Reporter, truncate_metrics
+from mlxtune.progress import METRICS, Reporter, truncate_metrics
 from mlxtune.runs import all_checkpoints, check_run_dir, total_steps, write_final
 
 from . import checkpoint, lora
@@ -218,12 +218,12 @@ def train(cfg: Config, resume: bool = False, echo: Callable[[str], None] | None 
     state = checkpoint.RunState()
     if resume:
         state = checkpoint.restore(all_checkpoints(run_dir)[-1], model, optimizer)
-        truncate_metrics(run_dir / "metrics.jsonl", state.step)
+        truncate_metrics(run_dir / METRICS, state.step)
         say(f"resuming {run_dir} at step {state.step}/{total}")
     say(f"training {lora.count(lora.trainable(model)):,} parameters ({cfg.lora.method}, "
         f"{len(engine.adapted)} modules) on {engine.loaded.device}, {total} steps"
         + ("" if engine.split else "; loss on full logits"))  # fmt: skip
-    reporter = Reporter(run_dir / "metrics.jsonl", total, say)
+    reporter = Reporter(run_dir / METRICS, total, say)
     offload = cfg.train.offload_checkpoints and engine.loaded.device.type == "cuda"
     model.train()
     _reset_peak(engine)

@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .data.convert import FORMATS  # stdlib only, like everything imported here
 from .errors import DataError, MlxtuneError
 
 _ARGV: list[str] | None = None  # set by main(); None when driven in-process (tests, notebooks)
@@ -256,13 +257,13 @@ def stats(file, config, overrides, model_path):
 @click.option(
     "--from",
     "from_format",
-    type=click.Choice(["alpaca", "sharegpt", "csv"]),
+    type=click.Choice(FORMATS),
     help="Read SRC in this format, write mlxtune JSONL.",
 )
 @click.option(
     "--to",
     "to_format",
-    type=click.Choice(["alpaca", "sharegpt", "csv"]),
+    type=click.Choice(FORMATS),
     help="Read mlxtune JSONL, write DST in this format (.jsonl: one record a line; "
     "otherwise one JSON array).",
 )

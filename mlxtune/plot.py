@@ -13,8 +13,8 @@ from pathlib import Path
 
 from .errors import DataError, MlxtuneError
 from .io import atomic_files
+from .progress import METRICS
 
-METRICS = "metrics.jsonl"
 DEFAULT_NAME = "loss.png"
 NO_MATPLOTLIB = "matplotlib is not installed: pip install 'mlxtune[plot]'"
 

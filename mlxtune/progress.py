@@ -57,6 +57,9 @@ class Reporter:
         self.echo(f"step {step}: validation loss {loss:.3f}  perplexity {perplexity:.2f}")
 
 
+METRICS = "metrics.jsonl"  # a run folder's metrics, one JSON row per report
+
+
 def truncate_metrics(path: Path, step: int) -> None:
     """Drop rows after `step` (a resumed run redoes those steps)."""
     kept = read_metrics(path, up_to_step=step)

@@ -35,7 +35,7 @@ from .data.batching import (
 )
 from .errors import ConfigError, ModelError
 from .io import atomic_folder
-from .progress import Reporter, truncate_metrics
+from .progress import METRICS, Reporter, truncate_metrics
 from .runs import all_checkpoints, check_run_dir, total_steps, write_final
 
 GATHER_MULTIPLE = 64  # loss positions pad up to this (or to the chunk), bounding compiled shapes
@@ -255,7 +255,7 @@ def train(cfg: Config, resume: bool = False, echo: Callable[[str], None] | None 
     state = checkpoint.RunState()
     if resume:
         state = checkpoint.restore(all_checkpoints(run_dir)[-1], model, optimizer)
-        truncate_metrics(run_dir / "metrics.jsonl", state.step)  # steps after it are redone
+        truncate_metrics(run_dir / METRICS, state.step)  # steps after it are redone
         say(f"resuming {run_dir} at step {state.step}/{total}")
         if state.step >= total:
             say(f"nothing to do: the run is at step {state.step}; raise train.iters to go on")
@@ -281,7 +281,7 @@ def train(cfg: Config, resume: bool = False, echo: Callable[[str], None] | None 
         optimizer.update(model, grads)
         return norm
 
-    reporter = Reporter(run_dir / "metrics.jsonl", total, say)
+    reporter = Reporter(run_dir / METRICS, total, say)
     model.train()
     mx.reset_peak_memory()
     window = _window()

@@ -129,3 +129,15 @@ def test_long_files_show_progress_on_stderr(tmp_path):
     assert r.stdout.splitlines()[0] == f"{rows}: 2500 rows, 2500 ok, 0 with errors"
     progress = r.stderr.splitlines()
     assert [line.split(" rows checked")[0] for line in progress] == ["1,000", "2,000"]
+
+
+def test_media_need_a_model_whose_towers_the_backend_runs(tiny, media):
+    """Llama 4 has a vision_config, but neither engine feeds it pictures; the CUDA twin takes
+    Gemma 4's media, not Gemma 3n's: validate says so row by row, as training would."""
+    r = mlxtune("data", "validate", media, "--model", tiny("llama4"))
+    assert r.returncode == 1
+    assert "parts need a multimodal model" in r.stdout.splitlines()[1]
+    r = mlxtune(
+        "data", "validate", media, "--model", tiny("gemma3n"), "--set", "model.backend=cuda"
+    )
+    assert r.returncode == 1 and "parts need a multimodal model" in r.stdout

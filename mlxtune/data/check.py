@@ -57,9 +57,7 @@ def tokenizing(cfg: Config) -> Tokenizing | None:
     folder = resolve_path(cfg.model.path)
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    media = None
-    if config.get("vision_config") or config.get("audio_config"):
-        media = MediaPlan.from_checkpoint(folder, config, cfg.data.image_soft_tokens)
+    media = MediaPlan.for_model(cfg.model.backend, folder, config, cfg.data.image_soft_tokens)
     return Tokenizing(cfg.model.path, tokenizer, _stop_ids(folder, config), media)
 
 

@@ -148,6 +148,10 @@ class MediaItem:
         return value
 
 
+# Model types whose pictures and audio each backend feeds through its own towers.
+MEDIA_FAMILIES = {"mlx": ("gemma4", "gemma3n"), "cuda": ("gemma4",)}
+
+
 @dataclass(frozen=True)
 class MediaPlan:
     """How a model takes media: its token ids and its image / audio settings (None: no tower)."""
@@ -156,6 +160,16 @@ class MediaPlan:
     image: ImageSpec | FixedImageSpec | None
     audio: AudioSpec | USMAudioSpec | None
     around: str = ""  # text the processor writes before and after each image and clip
+
+    @classmethod
+    def for_model(cls, backend: str, folder: Path, config: dict,
+                  image_budget: int | None = None) -> MediaPlan | None:  # fmt: skip
+        """The plan of a checkpoint whose media `backend` takes; None for any other."""
+        if config.get("model_type") not in MEDIA_FAMILIES[backend] or not (
+            config.get("vision_config") or config.get("audio_config")
+        ):
+            return None
+        return cls.from_checkpoint(folder, config, image_budget)
 
     @classmethod
     def from_checkpoint(cls, folder: Path, config: dict, image_budget: int | None = None):
