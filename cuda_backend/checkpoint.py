@@ -3,7 +3,7 @@
     checkpoints/step-0000040/
         trainable.safetensors   the trained parameters, under the model's module names
         optimizer.safetensors   AdamW moments and step counts, flattened
-        state.json              step, data position (epoch, index), the torch RNG state
+        state.json              step, data position (epoch, index), the CPU and CUDA RNG states
         adapter_model.safetensors + adapter_config.json   the adapter as of this step (PEFT)
 
 Written into a temp folder and renamed; only the newest `keep` are kept.
@@ -42,9 +42,10 @@ def save(run_dir: Path, state: RunState, model: torch.nn.Module, optimizer, writ
                     moments[f"{names[id(p)]}::{key}"] = value.detach().cpu().contiguous()
         save_file(moments, str(tmp / "optimizer.safetensors"))
         write_adapter(tmp)
-        rng = torch.get_rng_state().tolist()
         info = {"step": state.step, "epoch": state.position.epoch,
-                "index": state.position.index, "rng": rng}  # fmt: skip
+                "index": state.position.index, "rng": torch.get_rng_state().tolist()}  # fmt: skip
+        if torch.cuda.is_available():  # dropout on a GPU draws from the GPU's generators
+            info["cuda_rng"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
         (tmp / "state.json").write_text(json.dumps(info) + "\n", encoding="utf-8")
     if keep:
         for old in all_checkpoints(run_dir)[:-keep]:
@@ -72,4 +73,7 @@ def restore(ckpt: Path, model: torch.nn.Module, optimizer) -> RunState:
         optimizer.state.setdefault(p, {})[slot] = (
             value.to(p.device) if slot != "step" else value)  # fmt: skip
     torch.set_rng_state(torch.tensor(info["rng"], dtype=torch.uint8))
+    cuda = info.get("cuda_rng")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in cuda])
     return RunState(info["step"], Position(info["epoch"], info["index"]))

@@ -43,9 +43,8 @@ class LoRALinear(nn.Module):
         self.base = base
         for p in base.parameters():
             p.requires_grad_(False)
-        weight = dense_weight(base)
-        out_features, in_features = weight.shape
-        device = weight.device
+        out_features, in_features = base.out_features, base.in_features
+        device = next(t.device for t in [*base.parameters(), *base.buffers()])  # no dequantizing
         bound = 1 / math.sqrt(in_features)
         self.lora_A = nn.Parameter(
             torch.empty(r, in_features, device=device).uniform_(-bound, bound)
@@ -55,7 +54,7 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.m = None
         if dora:
-            self.m = nn.Parameter(weight.detach().float().norm(dim=1))
+            self.m = nn.Parameter(dense_weight(base).detach().float().norm(dim=1))
 
     @classmethod
     def from_base(cls, base: nn.Module, r: int, scale: float, dropout: float = 0.0,

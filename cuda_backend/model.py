@@ -1,12 +1,13 @@
 """Load a transformers model for training: the twin of mlxtune/model.py.
 
-- `load()`: the checkpoint through transformers (AutoModelForCausalLM, or
-  AutoModelForImageTextToText for a multimodal config), on CUDA when present and on the CPU
-  otherwise, in the compute dtype; `model.quantize: 4` stores the frozen linear layers in NF4
-  (bitsandbytes on CUDA, `nf4.NF4Linear` elsewhere; the head and embeddings stay as they are).
-  Llama 4's MoE layers become sparse top-1 layers (`moe.SparseMoe`); with
-  `model.offload_experts`, their routed experts move into host RAM (NF4 with quantize: 4) and
-  stream through the GPU, and on CUDA the input embedding stays in host RAM too.
+- `load()`: on CUDA when present and on the CPU otherwise, in the compute dtype. With
+  `model.quantize: 4` or `model.offload_experts`, from the prepared copy (`prepare`, made on
+  first use): the skeleton on the meta device, frozen linear layers in NF4 straight from disk
+  (bitsandbytes on CUDA, `nf4.NF4Linear` elsewhere; the head and embeddings stay as they are),
+  Llama 4's routed experts in one block per layer, in host RAM when streamed (`assemble`).
+  Otherwise the checkpoint through transformers (AutoModelForCausalLM, or
+  AutoModelForImageTextToText for a multimodal config). Llama 4's MoE layers become sparse
+  top-1 layers (`moe.SparseMoe`) either way.
 - `split_head()`: the model as body (-> final hidden states, media merged) + head, so the loss
   can run the head in chunks; checked against the model's own logits.
 - `positions()`: position ids that restart at each packed example. transformers then masks
@@ -30,8 +31,9 @@ from mlxtune.config import ModelConfig
 from mlxtune.data.media import MediaPlan
 from mlxtune.errors import ModelError
 from mlxtune.hub import resolve_path
+from mlxtune.plan.cuda import uses_cache
 
-from . import moe, nf4
+from . import assemble, moe, prepare
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -45,6 +47,7 @@ class Loaded:
     stop_ids: frozenset[int]
     device: torch.device
     stores: list = field(default_factory=list)  # streamed experts, one store per MoE layer
+    prefix: str = ""  # what the checkpoint's names carry in front of the model's (Llama 4: text)
 
     @property
     def model_type(self) -> str:
@@ -64,55 +67,42 @@ def load(cfg: ModelConfig) -> Loaded:
 
     path = resolve_path(cfg.path)
     config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    if cfg.quantize not in (None, 4):
+        raise ModelError("model.quantize: the cuda backend stores 4-bit NF4 only; use 4")
+    where = device()
+    prefix = ""
+    if uses_cache(cfg):
+        folder = prepare.prepare(cfg)  # at once when the prepared copy is complete
+        model, stores, prefix = assemble.assemble(cfg, path, config, folder, where)
+    else:
+        model, stores = _whole(cfg, path, config), []
+        model.to(where)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+    model.eval()
+    stop = _stop_ids(config, tokenizer)
+    return Loaded(model, tokenizer, config, path, stop, where, stores, prefix)
+
+
+def _whole(cfg: ModelConfig, path: Path, config: dict) -> nn.Module:
+    """The checkpoint through transformers (no quantizing, no streaming); Llama 4's MoE layers
+    made sparse in place."""
+    import transformers
+
     multimodal = bool(config.get("vision_config") or config.get("audio_config"))
     auto = (
         transformers.AutoModelForImageTextToText
         if multimodal
         else transformers.AutoModelForCausalLM
     )
-    dtype = DTYPES.get(cfg.dtype, "auto")
     try:
-        model = auto.from_pretrained(str(path), dtype=dtype)
+        model = auto.from_pretrained(str(path), dtype=DTYPES.get(cfg.dtype, "auto"))
     except (ValueError, KeyError, OSError) as e:
         reason = str(e).splitlines()[0]
         raise ModelError(
             f"model.path: {path}: transformers cannot load this model: {reason}"
         ) from None
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
-    stores = moe.sparsify(model, stream=cfg.offload_experts, chunk=cfg.expert_chunk,
-                          quantize=cfg.quantize == 4)  # fmt: skip
-    where = device()
-    model.to(where)
-    if stores and where.type == "cuda":  # the input embedding stays in host RAM, as the plan says
-        model.set_input_embeddings(HostEmbedding(model.get_input_embeddings(), where))
-    if cfg.quantize:
-        if cfg.quantize != 4:
-            raise ModelError("model.quantize: the cuda backend stores 4-bit NF4 only; use 4")
-        _quantize_linears(model)
-    model.eval()
-    return Loaded(model, tokenizer, config, path, _stop_ids(config, tokenizer), where, stores)
-
-
-class HostEmbedding(nn.Module):
-    """An input embedding whose table stays in host RAM: rows are gathered there, then sent."""
-
-    def __init__(self, embedding: nn.Embedding, where: torch.device):
-        super().__init__()
-        self.table = embedding.weight.detach().cpu()  # not a parameter: .to() leaves it here
-        self.where = where
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = nn.functional.embedding(ids.cpu(), self.table)
-        return rows.pin_memory().to(self.where, non_blocking=True)
-
-
-def _quantize_linears(model: nn.Module) -> None:
-    """Every frozen nn.Linear except the output head and MoE routers, to NF4."""
-    head = model.get_output_embeddings()
-    for path, m in list(model.named_modules()):
-        if isinstance(m, nn.Linear) and m is not head and not path.endswith("router"):
-            parent, _, name = path.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, name, nf4.quantize_linear(m))
+    moe.sparsify(model)
+    return model
 
 
 def _stop_ids(config: dict, tokenizer) -> frozenset[int]:
@@ -131,9 +121,22 @@ class Split:
     head: Callable[[torch.Tensor], torch.Tensor]  # hidden [..., D] -> logits [..., V]
 
 
+def _decoder(model: nn.Module) -> nn.Module | None:
+    """The module from input ids (and media) to final hidden states: `model.model` by
+    transformers' convention (`base_model_prefix` is not reliable: Llama 4 names modules that
+    do not exist). Llama 4's wrapper has no multimodal base model: its text decoder sits in
+    `language_model.model`."""
+    lm = getattr(model, "language_model", None)
+    if isinstance(lm, nn.Module) and isinstance(getattr(lm, "model", None), nn.Module) and \
+            lm.get_output_embeddings() is model.get_output_embeddings():  # fmt: skip
+        return lm.model
+    base = getattr(model, "model", None)
+    return base if isinstance(base, nn.Module) else getattr(model, model.base_model_prefix, None)
+
+
 def split_head(model: nn.Module) -> Split | None:
     """Body and head, or None when the split does not reproduce the model's logits."""
-    base = getattr(model, model.base_model_prefix, None)
+    base = _decoder(model)
     project = model.get_output_embeddings()
     if base is None or project is None:
         return None
@@ -149,7 +152,8 @@ def split_head(model: nn.Module) -> Split | None:
         return base(input_ids=inputs, position_ids=positions, use_cache=False,
                     **(media or {})).last_hidden_state  # fmt: skip
 
-    probe = torch.arange(1, 9, device=project.weight.device)[None] % config.vocab_size
+    where = next(p.device for p in model.parameters() if not p.is_meta)
+    probe = torch.arange(1, 9, device=where)[None] % config.vocab_size
     with torch.no_grad():
         try:
             want = model(input_ids=probe).logits

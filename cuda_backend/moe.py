@@ -12,10 +12,13 @@ score still passes gradient to x, as in transformers. With per-layer gradient ch
 layer's forward runs twice; `replay` keeps the routed output of the first run (in host memory,
 the size of a checkpoint) for the second, so the experts still stream only twice per step.
 
-With an `ExpertStore`, the routed experts live outside the model, in (pinned) host memory,
-optionally in NF4, and `StreamedExperts` visits them chunk by chunk: on CUDA the next chunk is
-copied on a side stream while the current one computes (double buffering), and each expert is
-dequantized into a scratch buffer only when its turn comes. Experts are frozen, so backward
+With an `ExpertStore`, the routed experts live outside the model in one block of bytes per
+layer (pinned host RAM when streamed, or on the GPU), optionally in NF4, and
+`StreamedExperts` visits them chunk by chunk: on CUDA a `Streamer` copies the next chunk on a
+side stream while the current one computes (double buffering, ordered by events), and each
+expert is dequantized into a reused scratch buffer only when its turn comes (bitsandbytes'
+kernel on CUDA). Grouping tokens by expert reads the group sizes on the host: one sync per MoE
+layer pass, none per expert. Experts are frozen, so backward
 needs only the input gradient: it streams the experts again, recomputes each group's
 activations and back-propagates them right away; nothing but the layer input and the routing
 is kept between forward and backward.
@@ -28,60 +31,151 @@ from torch import nn
 
 from . import nf4
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PARTS = ("gate_up_proj", "down_proj")
+
+
+def _up(n: int) -> int:
+    return -(-n // nf4.ALIGN) * nf4.ALIGN
+
+
+def layout(n: int, gate_up: tuple, down: tuple, dtype: torch.dtype, quantize: bool) -> dict:
+    """Where one expert's gate_up [D, 2I] and down [I, D] lie inside its stride of bytes (NF4
+    or the compute dtype), the stride, and the count: the same in the prepared cache and in
+    memory."""
+    parts, at = {}, 0
+    for part, shape in zip(PARTS, (gate_up, down), strict=True):
+        numel = 1
+        for s in shape:
+            numel *= int(s)
+        nbytes = nf4.packed_nbytes(tuple(shape)) if quantize else numel * dtype.itemsize
+        parts[part] = {"shape": [int(s) for s in shape], "offset": at,
+                       "kind": "nf4" if quantize else "raw"}  # fmt: skip
+        at = _up(at + nbytes)
+    return {"n": int(n), "stride": at, "dtype": str(dtype).removeprefix("torch."), "parts": parts}
+
 
 class ExpertStore:
-    """One MoE layer's routed experts, off the model: [E, D, 2I] gate/up and [E, I, D] down."""
+    """One MoE layer's routed experts in one block of bytes (pinned host RAM when streamed, or
+    on the device), expert after expert as `layout` says: a chunk of experts is one contiguous
+    range, copied to the device in one transfer."""
 
-    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, chunk: int, quantize: bool):
-        self.n, self.chunk, self.quantized = gate_up.shape[0], max(1, chunk), quantize
-        pack = nf4.quantize if quantize else (lambda t: t.detach().cpu().contiguous())
-        self.gate_up = [pack(gate_up[e].cpu()) for e in range(self.n)]
-        self.down = [pack(down[e].cpu()) for e in range(self.n)]
-        self.dtype = gate_up.dtype
+    def __init__(self, block: torch.Tensor, lay: dict, chunk: int,
+                 streamer: Streamer | None = None, scratch: dict | None = None):  # fmt: skip
+        self.block, self.layout = block, lay
+        self.n, self.stride = lay["n"], lay["stride"]
+        self.dtype = DTYPES[lay["dtype"]]
+        self.quantized = lay["parts"]["gate_up_proj"]["kind"] == "nf4"
+        self.chunk = max(1, min(chunk, self.n))
+        self.streamer = streamer
+        self.scratch = {} if scratch is None else scratch  # (shape, device) -> dense buffer
         self.passes = 0  # full sweeps over the experts (each streams every expert once)
         self.replay = False  # keep the forward's output for a checkpointed layer's recompute
+        self.arena = None  # host memory for that output (assemble.HostArena); else a new tensor
         self._kept: torch.Tensor | None = None
-        if torch.cuda.is_available():  # pinned pages copy to the GPU without staging
-            pin = (lambda p: p.pin()) if quantize else (lambda t: t.pin_memory())
-            self.gate_up, self.down = [pin(t) for t in self.gate_up], [pin(t) for t in self.down]
+
+    @classmethod
+    def from_tensors(cls, gate_up: torch.Tensor, down: torch.Tensor, chunk: int,
+                     quantize: bool) -> ExpertStore:  # fmt: skip
+        """A store in (CPU) memory from fused [E, D, 2I] / [E, I, D] tensors (tests, tools)."""
+        lay = layout(gate_up.shape[0], gate_up.shape[1:], down.shape[1:], gate_up.dtype, quantize)
+        block = torch.zeros(lay["n"] * lay["stride"], dtype=torch.uint8)
+        for e in range(lay["n"]):
+            for part, t in zip(PARTS, (gate_up[e], down[e]), strict=True):
+                at = e * lay["stride"] + lay["parts"][part]["offset"]
+                if quantize:
+                    nf4.quantize(t.detach().cpu()).write_into(block[at:])
+                else:
+                    raw = t.detach().cpu().contiguous().view(-1).view(torch.uint8)
+                    block[at : at + raw.numel()].copy_(raw)
+        return cls(block, lay, chunk)
 
     @property
     def nbytes(self) -> int:
-        def size(t):
-            return t.nbytes if isinstance(t, nf4.Packed) else t.numel() * t.element_size()
+        return self.block.numel()
 
-        return sum(size(t) for t in self.gate_up + self.down)
+    def weights(self, buf: torch.Tensor, j: int):
+        """Expert j of `buf` (a block or a chunk buffer): callables giving gate_up and down
+        dense, each dequantized into a reused scratch buffer only when its turn comes."""
+        out = []
+        for part in PARTS:
+            p = self.layout["parts"][part]
+            at, shape = j * self.stride + p["offset"], tuple(p["shape"])
+            if p["kind"] == "nf4":
+                packed = nf4.Packed.view(buf[at:], shape, self.dtype)
+                out.append(lambda packed=packed: nf4.dequantize(
+                    packed, self.dtype, self._scratch(packed.shape, packed.device)))  # fmt: skip
+            else:
+                numel = 1
+                for s in shape:
+                    numel *= s
+                dense = buf[at : at + numel * self.dtype.itemsize].view(self.dtype).view(shape)
+                out.append(lambda dense=dense: dense)
+        return tuple(out)
+
+    def _scratch(self, shape: tuple, device: torch.device) -> torch.Tensor:
+        key = (shape, str(device))
+        if key not in self.scratch:
+            self.scratch[key] = torch.empty(shape, dtype=self.dtype, device=device)
+        return self.scratch[key]
 
     def chunks(self, device: torch.device):
-        """(first expert, [(gate_up, down) per expert of the chunk]) on `device`, in order; on
-        CUDA the copy of chunk i + 1 overlaps the compute of chunk i."""
+        """(first expert, [(gate_up, down) per expert of the chunk]) on `device`, in order. A
+        block already there (CPU, or experts resident on the GPU) is read in place; else the
+        streamer copies chunk i + 1 while chunk i computes."""
         starts = list(range(0, self.n, self.chunk))
         self.passes += 1
-        if device.type != "cuda":
+        if self.block.device == device or self.streamer is None:
             for s in starts:
-                yield s, [(self._weight(g), self._weight(d)) for g, d in
-                          zip(self.gate_up[s : s + self.chunk], self.down[s : s + self.chunk], strict=True)]  # fmt: skip
+                yield (
+                    s,
+                    [self.weights(self.block, e) for e in range(s, min(s + self.chunk, self.n))],
+                )
             return
-        side = torch.cuda.Stream(device)
-        pending = self._copy(starts[0], device, side)
+        for s, buf in self.streamer.stream(self, starts, device):
+            yield s, [self.weights(buf, j) for j in range(min(self.chunk, self.n - s))]
+
+
+class Streamer:
+    """Two device buffers of one chunk each, shared by every MoE layer, filled on a side stream.
+
+    Chunk i + 1 is copied while chunk i computes. Events order it both ways: the compute
+    stream waits for a buffer's copy before reading it (`ready`), and the side stream waits
+    for the compute that read a buffer before refilling it (`free`), so no kernel ever reads a
+    half-overwritten buffer. The buffers live as long as the streamer, so no allocation (and
+    no `record_stream`) is involved; the source blocks are pinned, so the copies are truly
+    asynchronous and the CPU runs ahead.
+    """
+
+    def __init__(self, device: torch.device, nbytes: int):
+        self.device = device
+        self.side = torch.cuda.Stream(device)
+        self.buffers = [torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(2)]
+        self.ready = [torch.cuda.Event() for _ in range(2)]
+        self.free = [torch.cuda.Event() for _ in range(2)]
+        self.copied = 0  # bytes sent to the device
+
+    def stream(self, store: ExpertStore, starts: list[int], device: torch.device):
+        compute = torch.cuda.current_stream(device)
+
+        def issue(i: int) -> None:
+            b, a = i % 2, starts[i] * store.stride
+            z = min(starts[i] + store.chunk, store.n) * store.stride
+            self.side.wait_event(self.free[b])
+            with torch.cuda.stream(self.side):
+                self.buffers[b][: z - a].copy_(store.block[a:z], non_blocking=True)
+                self.ready[b].record(self.side)
+            self.copied += z - a
+
+        issue(0)
         for i, s in enumerate(starts):
-            torch.cuda.current_stream(device).wait_stream(side)
-            current = pending
             if i + 1 < len(starts):
-                pending = self._copy(starts[i + 1], device, side)
-            yield s, [(self._weight(g), self._weight(d)) for g, d in current]
-
-    def _copy(self, start: int, device, stream):
-        with torch.cuda.stream(stream):
-            end = start + self.chunk
-            return [(g.to(device, non_blocking=True), d.to(device, non_blocking=True))
-                    for g, d in zip(self.gate_up[start:end], self.down[start:end], strict=True)]  # fmt: skip
-
-    def _weight(self, t):
-        """Lazily dequantized: a callable giving the expert's matrix when its turn comes."""
-        if isinstance(t, nf4.Packed):
-            return lambda: nf4.dequantize(t, self.dtype)
-        return lambda: t
+                issue(i + 1)
+            compute.wait_event(self.ready[i % 2])
+            try:
+                yield s, self.buffers[i % 2]
+            finally:  # the consumer has queued every kernel that reads this buffer
+                self.free[i % 2].record(compute)
 
 
 def _groups(idx: torch.Tensor, n: int):
@@ -113,7 +207,13 @@ class StreamedExperts(torch.autograd.Function):
                     out[rows] = _swiglu(routed_in[rows], gate_up().to(routed_in.dtype),
                                         down().to(routed_in.dtype))  # fmt: skip
         if mode == "keep":  # host memory, the size of one checkpoint
-            store._kept = out.detach().to("cpu", non_blocking=True) if out.is_cuda else out.detach()
+            if out.is_cuda and store.arena is not None:
+                store._kept = store.arena.take(out.shape, out.dtype)
+                store._kept.copy_(out, non_blocking=True)
+            else:
+                store._kept = (
+                    out.detach().to("cpu", non_blocking=True) if out.is_cuda else out.detach()
+                )
         return out
 
     @staticmethod
@@ -176,18 +276,11 @@ class SparseMoe(nn.Module):
         return "replay" if recompute and store._kept is not None else "keep"
 
 
-def sparsify(model: nn.Module, stream: bool = False, chunk: int = 16,
-             quantize: bool = False) -> list[ExpertStore]:  # fmt: skip
-    """Replace every Llama4TextMoe of `model` by a SparseMoe; with `stream`, move the routed
-    experts into ExpertStores (in NF4 with `quantize`). Returns the stores."""
-    stores = []
+def sparsify(model: nn.Module, stores: dict[str, ExpertStore] | None = None) -> None:
+    """Replace every Llama4TextMoe of `model` by a SparseMoe; one whose path is in `stores`
+    takes its routed experts from that store instead of from the model."""
     for path, m in list(model.named_modules()):
         if m.__class__.__name__ != "Llama4TextMoe":
             continue
-        store = None
-        if stream:
-            store = ExpertStore(m.experts.gate_up_proj, m.experts.down_proj, chunk, quantize)
-            stores.append(store)
         parent, _, name = path.rpartition(".")
-        setattr(model.get_submodule(parent), name, SparseMoe(m, store))
-    return stores
+        setattr(model.get_submodule(parent), name, SparseMoe(m, (stores or {}).get(path)))

@@ -33,10 +33,11 @@ from mlxtune.data.batching import (
 )
 from mlxtune.errors import ConfigError, ModelError
 from mlxtune.io import atomic_folder
+from mlxtune.plan.cuda import uses_cache
 from mlxtune.progress import METRICS, Reporter, truncate_metrics
 from mlxtune.runs import all_checkpoints, check_run_dir, total_steps, write_final
 
-from . import checkpoint, lora
+from . import assemble, checkpoint, lora, prepare
 from . import model as model_lib
 from .loss import chunked_loss
 
@@ -88,7 +89,11 @@ def setup(cfg: Config, adapter: str | Path | None = None) -> Engine:
         adapted = lora.apply(loaded.model, cfg.lora, loaded.model_type)
         hf_names = {}
         if cfg.lora.method != "full":
-            theirs = [k.removesuffix(".weight") for k in adapters.tensor_shapes(loaded.path)]
+            theirs = [
+                k.removesuffix(".weight")
+                for k in adapters.tensor_shapes(loaded.path)
+                if k.startswith(loaded.prefix)
+            ]  # Llama 4 text-only: not the vision tower
             hf_names = adapters.match_names(adapted, theirs)
     if cfg.train.grad_checkpoint:
         loaded.model.gradient_checkpointing_enable({"use_reentrant": False})
@@ -127,6 +132,27 @@ def attach(loaded: model_lib.Loaded, cfg: Config, folder: Path):
                 param.copy_(torch.from_numpy(np.asarray(value)).to(param.device, param.dtype))
     model.requires_grad_(False)
     return replace(cfg, lora=saved.lora), list(to_ours.values()), {v: k for k, v in to_ours.items()}
+
+
+def check_fits(cfg: Config) -> None:
+    """Refuse, before anything loads, a run that `mlxtune plan` says will not fit this machine
+    (its GPU, or on a CPU its RAM) in any phase: preparing, loading or training."""
+    from mlxtune import env, plan
+
+    total, available = env.memory_bytes()
+    host = available or total
+    on_cpu = not torch.cuda.is_available()
+    gpu = None
+    if not on_cpu:
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(0)
+        gpu = torch.cuda.get_device_properties(0).total_memory * fraction / plan.GIB
+    try:
+        p = plan.plan(cfg, gpu, host / plan.GIB if host else None, on_cpu=on_cpu)
+    except (KeyError, TypeError, ValueError):  # a config the planner has no formula for
+        return
+    if not p.fits:
+        reasons = "; ".join(x.strip() for x in p.verdict().splitlines() if "fit" in x)
+        raise ConfigError(f"plan: {reasons} (mlxtune plan CONFIG shows each part)")
 
 
 def batch_loss(engine: Engine, inputs, positions, gather, targets, weights, media, grad=True):
@@ -199,9 +225,12 @@ def train(cfg: Config, resume: bool = False, echo: Callable[[str], None] | None 
     run_dir = check_run_dir(cfg, resume)
     if not cfg.data.train:
         raise ConfigError("data.train: not set")
+    say = echo or (lambda line: print(line, flush=True))
+    check_fits(cfg)
+    if uses_cache(cfg.model):  # the one-time copy, with its progress, before loading
+        prepare.prepare(cfg.model, say)
     engine = setup(cfg)
     model, t = engine.model, cfg.train
-    say = echo or (lambda line: print(line, flush=True))
     train_data = engine.dataset(cfg.data.train)
     valid_data = engine.dataset(cfg.data.valid) if cfg.data.valid else None
     for name, data in (("train", train_data), ("valid", valid_data)):
@@ -224,7 +253,10 @@ def train(cfg: Config, resume: bool = False, echo: Callable[[str], None] | None 
         f"{len(engine.adapted)} modules) on {engine.loaded.device}, {total} steps"
         + ("" if engine.split else "; loss on full logits"))  # fmt: skip
     reporter = Reporter(run_dir / METRICS, total, say)
-    offload = cfg.train.offload_checkpoints and engine.loaded.device.type == "cuda"
+    offload = t.offload_checkpoints and t.grad_checkpoint and engine.loaded.device.type == "cuda"
+    width, arena = model.config.get_text_config().hidden_size, assemble.HostArena(pin=offload)
+    for store in engine.loaded.stores if offload else ():
+        store.arena = arena
     model.train()
     _reset_peak(engine)
     window, position, step = _window(), state.position, state.step
@@ -235,7 +267,8 @@ def train(cfg: Config, resume: bool = False, echo: Callable[[str], None] | None 
         step_tokens = 0
         for _ in range(t.grad_accum):
             batch, position = stream.take(position)
-            with _saved_on_host(offload):
+            arena.reset()  # the previous micro-batch's backward is done
+            with layer_inputs_on_host(arena, width) if offload else contextlib.nullcontext():
                 loss = batch_loss(engine, *device_arrays(engine, batch, GATHER_MULTIPLE))
             loss.backward()
             window["loss"] += float(loss.detach())
@@ -271,12 +304,34 @@ def train(cfg: Config, resume: bool = False, echo: Callable[[str], None] | None 
     return run_dir
 
 
-def _saved_on_host(offload: bool):
-    """With offload_checkpoints on CUDA, what autograd saves (the checkpointed layers' inputs)
-    waits in pinned host memory until backward."""
-    if not offload:
-        return contextlib.nullcontext()
-    return torch.autograd.graph.save_on_cpu(pin_memory=True)
+def layer_inputs_on_host(arena, width: int, device_type: str = "cuda", seen: list | None = None):
+    """Saved tensors hooks that move the checkpointed layers' inputs to pinned host memory
+    until backward, and nothing else.
+
+    Inside a checkpointed layer, the checkpoint's own hooks are innermost and keep nothing; so
+    what reaches these hooks is what autograd saves outside the layers: each layer's input
+    [B, L, width] (and the final norm's), which goes to the host, and the frozen weights and
+    loss chunks that the head and the loss save, which stay where they are (offloading the
+    2 GB head for every loss chunk would cost two PCIe crossings per chunk). `seen` records
+    the shapes moved (tests). They go into `arena` (an `assemble.HostArena`)."""
+
+    def pack(t: torch.Tensor):
+        if (t.device.type != device_type or t.dim() != 3 or t.shape[-1] != width
+                or isinstance(t, nn.Parameter)):  # fmt: skip
+            return t
+        if seen is not None:
+            seen.append(tuple(t.shape))
+        host = arena.take(t.shape, t.dtype)
+        host.copy_(t, non_blocking=True)
+        return (t.device, host)
+
+    def unpack(saved):
+        if isinstance(saved, tuple):
+            where, host = saved
+            return host.to(where, non_blocking=True)
+        return saved
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
 def _reset_peak(engine: Engine) -> None:

@@ -112,6 +112,30 @@ def train(config, overrides, resume):
     _engine(cfg).train(cfg, resume=bool(resume), echo=click.echo)
 
 
+@cli.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@set_option
+@click.option("--verify", is_flag=True, help="Also re-hash every file of a finished copy.")
+def prepare(config, overrides, verify):
+    """Write the prepared copy of CONFIG's model for the cuda backend (NF4 weights, each MoE
+    layer's experts in one block), shard by shard, never holding the model whole. Resumes after
+    a kill; `train` runs it itself when the copy is missing."""
+    from .plan.cuda import uses_cache
+
+    cfg = _load(config, overrides)
+    if not uses_cache(cfg.model):
+        click.echo("nothing to prepare: only model.backend cuda with model.quantize 4 or "
+                   "model.offload_experts loads through a prepared copy")  # fmt: skip
+        return
+    _engine(cfg)  # torch and transformers present, or one line saying how to get them
+    from cuda_backend.prepare import prepare as write
+
+    started = time.perf_counter()
+    folder = write(cfg.model, echo=lambda line: click.echo(line, err=True), verify_files=verify)
+    checked = "; every file's checksum verified" if verify else ""
+    click.echo(f"{folder} ({time.perf_counter() - started:.0f} s){checked}")
+
+
 @cli.command(name="eval")
 @click.argument("config", type=click.Path(dir_okay=False))
 @set_option

@@ -56,6 +56,11 @@ class ModelConfig:
         False, "cuda, Llama 4: routed experts stay in host RAM and stream through the GPU"
     )
     expert_chunk: int = opt(16, "cuda, offload_experts: experts per streamed chunk (2 in flight)")
+    prepared_dir: str | None = opt(
+        None,
+        "cuda, quantize 4 or offload_experts: folder of the prepared copy (NF4, experts laid out "
+        "for streaming; mlxtune prepare); null = ~/.cache/mlxtune/prepared/<model>-<key>",
+    )
 
     def __post_init__(self) -> None:
         _positive(self, "expert_chunk")

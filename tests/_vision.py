@@ -211,6 +211,29 @@ def timm_parameters(arch: str, model_args: str) -> dict:
     }  # fmt: skip
 
 
+def twin_splits(path: str) -> dict:
+    """Whether the PyTorch twin's chunked loss applies to this (Gemma 3n) checkpoint: its model
+    splits into body and head, and the chunked loss equals the full-logits loss."""
+    import torch
+
+    from cuda_backend import model as cuda_model
+    from cuda_backend.loss import chunked_loss, full_logits_loss
+    from mlxtune.config import load_config
+
+    loaded = cuda_model.load(load_config(None, [f"model.path={path}", "model.backend=cuda"]).model)
+    split = cuda_model.split_head(loaded.model)
+    if split is None:
+        return {"split": False}
+    ids = torch.arange(2, 40)[None]
+    with torch.no_grad():
+        logits = loaded.model(input_ids=ids).logits[0, :-1]
+        hidden = split.body(ids)[0, :-1]
+    targets, weights = ids[0, 1:], torch.ones(ids.shape[1] - 1)
+    full = float(full_logits_loss(logits, targets, weights))
+    chunked = float(chunked_loss(split.head, 8, grad=False)(hidden, targets, weights))
+    return {"split": True, "full": full, "chunked": chunked}
+
+
 if __name__ == "__main__":
     import _torchvision_compat  # noqa: F401  (before anything imports torchvision)
 

@@ -9,6 +9,15 @@ import pytest
 DATA = Path(__file__).resolve().parent / "data"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cache_in_tmp(tmp_path_factory):
+    """Prepared copies (cuda backend) go to a temp folder, not the user's ~/.cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLXTUNE_CACHE", str(tmp_path_factory.mktemp("mlxtune-cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """tiny(arch) -> path of a seed-0 tiny checkpoint, made on first use."""

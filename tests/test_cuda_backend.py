@@ -4,9 +4,11 @@ to a transformers + PEFT run. On the CPU here; the same code runs on CUDA."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import json
+import os
 
 import numpy as np
 import pytest
@@ -193,6 +195,69 @@ def test_a_multimodal_batch_through_transformers_gemma4_equals_the_mlx_engine(ti
     np.testing.assert_allclose(theirs, ours, rtol=1e-4)
 
 
+# --------------------------------------------------------------------------- the chunked loss
+
+
+@pytest.mark.parametrize("arch, extra", [("llama", ()), ("gemma4", ()), ("gemma3n", ()),
+                                         ("llama4", ()), ("llama4", ("model.quantize=4",))])  # fmt: skip
+def test_every_family_the_twin_trains_gets_the_chunked_loss(tiny, tmp_path, arch, extra):
+    """No family falls back to full logits: Llama 4's wrapper (whose decoder sits in
+    `language_model.model`) and the text-only Llama 4 of the prepared copy included."""
+    if arch == "gemma3n":  # transformers' Gemma 3n needs timm: the torchvision subprocess
+        import _vision
+
+        result = _vision.run("twin_splits", tiny("gemma3n"))
+        assert result["split"] and result["chunked"] == pytest.approx(result["full"], rel=1e-5)
+        return
+    cfg = load_config(None, [f"model.path={tiny(arch)}", "model.backend=cuda",
+                             f"model.prepared_dir={tmp_path / 'prepared'}", *extra])  # fmt: skip
+    assert ttrainer.setup(cfg).split is not None
+
+
+PEAK_OF_THE_LOSS = """
+import json, torch
+from cuda_backend import trainer
+from cuda_backend.loss import chunked_loss, full_logits_loss
+vocab, n, chunk = 202_048, 1024, 32
+torch.manual_seed(0)
+head = torch.nn.Linear(64, vocab, bias=False).requires_grad_(False)
+hidden = torch.randn(n, 64)
+targets, weights = torch.randint(0, vocab, (n,)), torch.ones(n)
+out = {}
+for name in ("chunked", "full"):
+    h = hidden.clone().requires_grad_(True)
+    trainer.reset_peak_rss()
+    floor = trainer.peak_rss()
+    if name == "chunked":
+        loss = chunked_loss(head, chunk)(h, targets, weights)
+    else:
+        loss = full_logits_loss(head(h), targets, weights)
+    loss.backward()
+    out[name] = [float(loss), h.grad.abs().sum().item(), trainer.peak_rss() - floor]
+    del loss, h
+print(json.dumps(out))
+"""
+
+
+def test_the_chunked_loss_at_llama4s_vocabulary_holds_one_chunk_of_logits():
+    """At the real 202,048-token vocabulary, the loss and its gradient cost about one chunk of
+    logits over the inputs, not [tokens x vocab]: the peak resident set around each, in a
+    process whose allocator hands freed blocks back (so the resident set is what is alive)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    proc = subprocess.run([sys.executable, "-c", PEAK_OF_THE_LOSS], capture_output=True,
+                          text=True, env=env, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.splitlines()[-1])
+    one_chunk, everything = 32 * 202_048 * 4, 1024 * 202_048 * 4  # fp32 logits
+    assert out["chunked"][2] < 4 * one_chunk  # = everything / 8
+    assert out["full"][2] > everything
+    assert out["chunked"][0] == pytest.approx(out["full"][0], rel=1e-5)
+    assert out["chunked"][1] == pytest.approx(out["full"][1], rel=1e-4)
+
+
 # ---------------------------------------------------------------------------------- Llama 4
 
 
@@ -207,8 +272,8 @@ def hf_moe(tiny):
 def test_sparse_moe_equals_transformers_forward_and_input_gradient(hf_moe, streamed):
     store = None
     if streamed:
-        store = moe.ExpertStore(hf_moe.experts.gate_up_proj, hf_moe.experts.down_proj, chunk=3,
-                                quantize=False)  # fmt: skip
+        store = moe.ExpertStore.from_tensors(hf_moe.experts.gate_up_proj,
+                                             hf_moe.experts.down_proj, chunk=3, quantize=False)  # fmt: skip
     sparse = moe.SparseMoe(hf_moe, store)
     torch.manual_seed(0)
     x = torch.randn(3, 41, hf_moe.hidden_dim, requires_grad=True)
@@ -248,11 +313,13 @@ def _llama4_run_losses(tiny, tmp_path, extra=()):
     return cfg, [r["loss"] for r in rows if r["kind"] == "train"]
 
 
-def test_a_llama4_lora_run_equals_transformers_plus_peft(tiny, tmp_path):
-    """Six steps of our twin (sparse MoE, packed rows, chunked loss) against transformers' dense
-    Llama 4 with PEFT LoRA on the same targets, the same initial adapter, the same examples run
-    one by one, the same AdamW: the same loss at every step."""
-    cfg, ours = _llama4_run_losses(tiny, tmp_path)
+@pytest.mark.parametrize("extra", [(), ("model.offload_experts=true",)], ids=["whole", "prepared"])
+def test_a_llama4_lora_run_equals_transformers_plus_peft(tiny, tmp_path, extra):
+    """Six steps of our twin (sparse MoE, packed rows, chunked loss; loaded whole, or from the
+    prepared copy with experts streamed) against transformers' dense Llama 4 with PEFT LoRA on
+    the same targets, the same initial adapter, the same examples run one by one, the same
+    AdamW: the same loss at every step."""
+    cfg, ours = _llama4_run_losses(tiny, tmp_path, (*extra, f"model.prepared_dir={tmp_path / 'p'}"))
     engine = ttrainer.setup(cfg)  # the same seed draws the same initial LoRA A matrices
     targets = sorted({engine.hf_names[p] for p in engine.adapted})
     assert not any("router" in t or "experts" in t for t in targets)
@@ -336,11 +403,43 @@ def test_checkpointed_streaming_visits_each_expert_twice_per_step(tiny):
         engine.model.train()
         data = engine.dataset(str(DATA / "chat_train.jsonl"))
         batch = collate(data.examples[:4], [[0, 1], [2, 3]], 128)
+        before = [s.passes for s in engine.loaded.stores]
         ttrainer.batch_loss(engine, *ttrainer.device_arrays(engine, batch, 64)).backward()
-        assert [s.passes for s in engine.loaded.stores] == [2] * len(engine.loaded.stores)
+        assert [s.passes - b for s, b in zip(engine.loaded.stores, before, strict=True)] == [2, 2]
         grads.append({k: p.grad.clone() for k, p in tlora.trainable(engine.model).items()})
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], atol=1e-6, rtol=1e-5)
+
+
+def test_offloading_moves_only_layer_inputs_and_changes_no_gradient(tiny):
+    """With offload_checkpoints, what goes to the host is each checkpointed layer's input and
+    the final norm's (exactly the bytes the planner counts), never a weight or a loss chunk;
+    the gradients are the same as without it."""
+    from cuda_backend import assemble
+    from mlxtune import plan
+
+    cfg = load_config(None, [f"model.path={tiny('llama4')}", "model.backend=cuda",
+                             "model.dtype=bfloat16", "train.grad_checkpoint=true",
+                             "train.offload_checkpoints=true", "train.ce_chunk_tokens=16"])  # fmt: skip
+    engine = ttrainer.setup(cfg)
+    engine.model.train()
+    data = engine.dataset(str(DATA / "chat_train.jsonl"))
+    batch = collate(data.examples[:4], [[0, 1], [2, 3]], 128)
+    text = engine.model.config.get_text_config()
+    grads, seen, arena = [], [], assemble.HostArena(pin=False)
+    for hooks in (None, ttrainer.layer_inputs_on_host(arena, text.hidden_size, "cpu", seen)):
+        with hooks or contextlib.nullcontext():
+            loss = ttrainer.batch_loss(engine, *ttrainer.device_arrays(engine, batch, 64))
+        loss.backward()
+        grads.append({k: p.grad.clone() for k, p in tlora.trainable(engine.model).items()})
+        engine.model.zero_grad(set_to_none=True)
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], atol=0, rtol=0)
+    rows, cols = batch.inputs.shape
+    assert seen == [(rows, cols, text.hidden_size)] * (text.num_hidden_layers + 2)
+    planned = next(r for r in plan.plan(cfg, on_cpu=True).rows if r.name == "layer checkpoints")
+    assert sum(t.numel() for t in arena.spill) == planned.host * rows * cols / cfg.data.max_seq_len \
+        / cfg.train.batch_size  # fmt: skip
 
 
 def test_the_twin_trains_gemma4_on_pictures_and_audio(tiny, tmp_path):
