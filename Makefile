@@ -12,7 +12,7 @@ PRELOAD  := $(if $(wildcard $(OPENBLAS)),LD_PRELOAD=$(OPENBLAS),)
 VISION_SITE := $(VENV)/vision-site
 VISION_PKGS := torchvision==0.28.0 timm==1.0.31
 
-.PHONY: setup openblas test test-all notebooks lint fmt bench
+.PHONY: setup openblas test test-all notebooks lint fmt bench gpu-wheels
 
 setup: openblas
 	$(PYTHON) -m venv $(VENV)
@@ -58,3 +58,11 @@ bench:
 	$(PRELOAD) $(BIN)/python benchmarks/bench_text_lora.py --rows 48
 	$(PRELOAD) $(BIN)/python benchmarks/bench_multimodal.py --rows 96
 	$(BIN)/python benchmarks/bench_fusion.py
+
+# The wheels benchmarks/gpu_check.py needs on a GPU machine with no network (its image has torch
+# but neither bitsandbytes nor this transformers): into .whl/, carried there. See gpu_check.py.
+GPU_WHEELS := bitsandbytes==0.50.2 transformers==5.23.0
+gpu-wheels:
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
+	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)

@@ -30,36 +30,12 @@ sys.path.insert(0, str(ROOT))
 GIB = 2**30
 
 
-def chats(path: Path, n: int = 32, words: int = 150) -> Path:
-    rng = np.random.default_rng(1)
-    vocab = [
-        "the",
-        "quick",
-        "brown",
-        "fox",
-        "jumps",
-        "over",
-        "lazy",
-        "dog",
-        "weather",
-        "today",
-        "sunny",
-        "cloudy",
-    ]
-    path.write_text("".join(json.dumps({"messages": [
-        {"role": "user", "content": " ".join(rng.choice(vocab, words))},
-        {"role": "assistant", "content": " ".join(rng.choice(vocab, words))}]}) + "\n"
-        for _ in range(n)))  # fmt: skip
-    return path
-
-
 def fit_mlx(work: Path) -> None:
     from mlxtune import plan
-    from mlxtune.config import load_config
+    from mlxtune.measure import chats, mlx_peak
     from mlxtune.tiny import Sizes, make_tiny
-    from mlxtune.trainer import train
 
-    data = chats(work / "mlx.jsonl")
+    data = chats(work / "mlx.jsonl", 32, 150)
     runs = [("llama", Sizes(384, 3, 24000), ["data.max_seq_len=320", "train.batch_size=4"]),
             ("llama", Sizes(256, 2, 48000), ["data.max_seq_len=320", "train.batch_size=4",
                                              "train.ce_chunk_tokens=256"]),
@@ -72,13 +48,7 @@ def fit_mlx(work: Path) -> None:
     rows, targets = [], []
     for i, (arch, sizes, extra) in enumerate(runs):
         model = make_tiny(work / f"mlx-{arch}-{i}", arch, sizes=sizes)
-        cfg = load_config(None, [f"model.path={model}", f"data.train={data}", "model.dtype=float32",
-                                 f"output.dir={work / f'mlx-run{i}'}", "train.iters=4",
-                                 "train.report_every=2", "train.eval_every=0",
-                                 "train.save_every=0", *extra])  # fmt: skip
-        run_dir = train(cfg, echo=lambda line: None)
-        metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        measured = max(r["peak_memory_gb"] for r in metrics) * 1e9
+        cfg, measured = mlx_peak(model, data, work / f"mlx-run{i}", *extra)
         p = plan.plan(cfg)
         fixed = sum(r.gpu for r in p.rows if r.name != "logits chunk" and "fitted" not in r.name)
         text = json.loads((model / "config.json").read_text())
@@ -97,10 +67,10 @@ def fit_mlx(work: Path) -> None:
 
 
 def fit_cuda_cpu(work: Path) -> None:
-    from cuda_backend.measure import phase_peaks, recipe_sets
     from cuda_backend.scaled import make_scaled
     from mlxtune import plan
     from mlxtune.config import load_config
+    from mlxtune.measure import phase_peaks, recipe_sets
     from mlxtune.plan import cuda as cuda_plan
 
     model = make_scaled(work / "scout", "scout", layers=1, experts=4)

@@ -196,7 +196,8 @@ class StreamedExperts(torch.autograd.Function):
         ctx.save_for_backward(routed_in, idx)
         ctx.store = store
         if mode == "replay":
-            out, store._kept = store._kept.to(routed_in.device), None  # no second stream
+            out = store._kept.to(routed_in.device, non_blocking=True)  # no second stream
+            store._kept = None
             return out
         out = torch.zeros_like(routed_in)
         groups = dict(_groups(idx, store.n))

@@ -112,14 +112,15 @@ class Packed:
 
 
 @functools.cache
-def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _tables(device: torch.device) -> tuple[torch.Tensor, ...]:
     """Per device, made once (a pageable copy per call would sync the stream): the midpoints
-    between levels, the (high, low) level pair of every byte, and the 8-bit scale code."""
+    between levels, the (high, low) level pair of every byte, the 8-bit scale code, the
+    levels."""
     levels = LEVELS.to(device)
     byte = torch.arange(256, device=device)
     pairs = torch.stack([levels[byte >> 4], levels[byte & 0xF]], dim=1)
     code = byte.to(torch.uint8).view(torch.int8).float() / 127
-    return (levels[:-1] + levels[1:]) / 2, pairs, code
+    return (levels[:-1] + levels[1:]) / 2, pairs, code, levels
 
 
 def scale_code(device: torch.device | str = "cpu") -> torch.Tensor:
@@ -133,7 +134,7 @@ def quantize(w: torch.Tensor) -> Packed:
     flat = w.detach().reshape(-1)
     n = flat.numel()
     n_codes, n_blocks, _ = _counts(n)
-    mids, _, _ = _tables(device)
+    mids = _tables(device)[0]
     codes = torch.empty(n_codes, dtype=torch.uint8, device=device)
     absmax = torch.empty(n_blocks, dtype=torch.float32, device=device)
     for s in range(0, n, SLICE):
@@ -169,7 +170,7 @@ def dequantize(p: Packed, dtype: torch.dtype | None = None,
     if p.device.type == "cuda" and _bnb() is not None:
         _bnb().functional.dequantize_4bit(p.codes, quant_state(p, dtype), out=out)
         return out
-    _, pairs, _ = _tables(p.device)
+    pairs = _tables(p.device)[1]
     absmax, flat, n = _absmax(p), out.view(-1), out.numel()
     for s in range(0, n, SLICE):
         e = min(s + SLICE, n)
@@ -196,7 +197,7 @@ def quant_state(p: Packed, dtype: torch.dtype | None = None):
     nested = functional.QuantState(absmax=p.stats[1:], code=scale_code(p.device),
                                    blocksize=SCALE_BLOCK, dtype=torch.float32)  # fmt: skip
     return functional.QuantState(absmax=p.scales, shape=torch.Size(p.shape),
-                                 code=LEVELS.to(p.device), blocksize=BLOCK, quant_type="nf4",
+                                 code=_tables(p.device)[3], blocksize=BLOCK, quant_type="nf4",
                                  dtype=dtype or p.dtype, offset=p.stats[0], state2=nested)  # fmt: skip
 
 

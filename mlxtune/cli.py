@@ -343,10 +343,13 @@ def plot(run_dir, out):
               help="GPU memory (cuda) or unified memory (mlx); default 24 for cuda, this machine's "
                    "memory for mlx.")  # fmt: skip
 @click.option("--ram-gb", type=float, default=None, help="Host RAM (cuda); default this machine's.")
+@click.option("--pcie-gbps", type=float, default=None,
+              help="Host-to-GPU bandwidth for the time per step (cuda); default 25, PCIe 4.0 x16.")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def plan(config, overrides, vram_gb, ram_gb, as_json):
+def plan(config, overrides, vram_gb, ram_gb, pcie_gbps, as_json):
     """Memory plan for CONFIG before anything loads: bytes per component on the GPU (or unified
-    memory) and in host RAM, a verdict, and the bytes streamed per step. Exits 1 if it does not
+    memory) and in host RAM while training, the peaks while preparing and loading, the disk
+    for the prepared copy, the bytes streamed per step and their time. Exits 1 if it does not
     fit."""
     from . import env
     from . import plan as planner
@@ -356,13 +359,17 @@ def plan(config, overrides, vram_gb, ram_gb, as_json):
     machine = total / 2**30 if total else None
     if vram_gb is None:
         vram_gb = 24.0 if cfg.model.backend == "cuda" else machine
-    p = planner.plan(cfg, vram_gb, ram_gb if ram_gb is not None else machine)
+    extra = {"pcie_gbps": pcie_gbps} if pcie_gbps else {}
+    p = planner.plan(cfg, vram_gb, ram_gb if ram_gb is not None else machine, **extra)
     if as_json:
         rows = [{"name": r.name, "gpu_bytes": r.gpu, "host_bytes": r.host, "note": r.note}
                 for r in p.rows]  # fmt: skip
+        phases = {k: {"gpu_bytes": g, "host_bytes": h} for k, (g, h) in p.phases.items()}
         click.echo(json.dumps({"model": p.model, "backend": p.backend, "params": vars(p.counts),
                                "tokens_per_step": p.tokens, "rows": rows, "gpu_bytes": p.gpu,
-                               "host_bytes": p.host, "streamed_bytes_per_step": p.streamed_per_step,
+                               "host_bytes": p.host, "phases": phases, "disk_bytes": p.disk,
+                               "streamed_bytes_per_step": p.streamed_per_step,
+                               "seconds_per_step_streaming": p.step_seconds,
                                "verdict": p.verdict()}, indent=2))  # fmt: skip
     else:
         click.echo(p.table())

@@ -16,11 +16,11 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from cuda_backend.measure import phase_peaks, recipe_sets, run_phase  # noqa: E402
 from cuda_backend.scaled import make_scaled  # noqa: E402
 from cuda_backend.source import Source  # noqa: E402
 from mlxtune import plan  # noqa: E402
 from mlxtune.config import load_config  # noqa: E402
+from mlxtune.measure import phase_peaks, recipe_sets, run_phase  # noqa: E402
 
 pytestmark = pytest.mark.slow
 GIB = 2**30

@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from mlxtune import plan
@@ -128,30 +127,10 @@ def test_the_planned_peak_is_the_measured_one_on_small_runs(tmp_path):
     without gradient checkpointing): MLX's measured peak within 20% of the plan. The plan's
     constants were fitted by benchmarks/fit_plan.py on six other runs (other widths, depths,
     vocabularies and row lengths), never on these."""
+    from mlxtune.measure import chats, mlx_peak
     from mlxtune.tiny import Sizes, make_tiny
-    from mlxtune.trainer import train
 
-    rng = np.random.default_rng(0)
-    words = [
-        "the",
-        "quick",
-        "brown",
-        "fox",
-        "jumps",
-        "over",
-        "the",
-        "lazy",
-        "dog",
-        "weather",
-        "today",
-        "sunny",
-        "cloudy",
-    ]
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps({"messages": [
-        {"role": "user", "content": " ".join(rng.choice(words, 150))},
-        {"role": "assistant", "content": " ".join(rng.choice(words, 150))}]}) + "\n"
-        for _ in range(32)))  # fmt: skip
+    data = chats(tmp_path / "data.jsonl", 32, 150)
     cases = [("llama", Sizes(512, 4, 32000), ["data.max_seq_len=256", "train.batch_size=4"]),
              ("llama", Sizes(512, 4, 32000), ["data.max_seq_len=256", "train.batch_size=4",
                                               "train.grad_checkpoint=true"]),
@@ -159,13 +138,7 @@ def test_the_planned_peak_is_the_measured_one_on_small_runs(tmp_path):
     for i, (arch, sizes, extra) in enumerate(cases):
         model = tmp_path / f"{arch}-{i}"
         make_tiny(model, arch, sizes=sizes)
-        cfg = load_config(None, [f"model.path={model}", f"data.train={data}", "model.dtype=float32",
-                                 f"output.dir={tmp_path / f'run{i}'}", "train.iters=4",
-                                 "train.report_every=2", "train.eval_every=0",
-                                 "train.save_every=0", *extra])  # fmt: skip
-        run_dir = train(cfg, echo=lambda line: None)
-        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        measured = max(r["peak_memory_gb"] for r in rows) * 1e9
+        cfg, measured = mlx_peak(model, data, tmp_path / f"run{i}", *extra)
         planned = plan.plan(cfg).gpu
         assert 0.8 <= planned / measured <= 1.2, (arch, extra, planned / GIB, measured / GIB)
 

@@ -154,7 +154,7 @@ class Plan:
             tok_s = self.tokens * self.accum / self.step_seconds
             lines.append(f"streamed host -> GPU per optimizer step: {self.streamed_per_step / 1e9:.1f}"
                          f" GB: at least {self.step_seconds:.1f} s at {self.pcie_gbps:g} GB/s, "
-                         f"at most {tok_s:,.0f} tokens/s")  # fmt: skip
+                         f"so at most {tok_s:,.0f} tokens/s (compute not counted)")  # fmt: skip
         lines += self.notes
         return "\n".join(lines)
 

@@ -1,10 +1,11 @@
-"""Peak memory of each phase of a cuda-backend run, each phase in a fresh process.
+"""Measured peak memory of short runs: what the planner is fitted on and checked against.
 
-Used by the scaled-checkpoint test, `benchmarks/fit_plan.py` and `benchmarks/gpu_check.py`:
-`phase_peaks(sets)` runs prepare, load and a short training run of the config made of `--set`
-style `sets`, and returns each phase's peak resident set (and, on CUDA, peak GPU memory), so a
-phase's figure is never the leftover of another's. `whole_peak(path)` is the anchor: the same
-checkpoint loaded whole by transformers.
+Used by tests/test_plan.py, tests/test_maverick_scaled.py, `benchmarks/fit_plan.py` and
+`benchmarks/gpu_check.py`. `mlx_peak()`: MLX's peak over a short MLX run. `phase_peaks(sets)`:
+prepare, load and a short training run of a cuda-backend config (`--set` style `sets`), each
+in a fresh process so a phase's figure is never the leftover of another's: peak resident set,
+and on CUDA peak GPU memory. `run_phase("whole", sets)` is the anchor: the same checkpoint
+loaded whole by transformers and run once. Imports nothing heavy until called.
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 PHASE = """
-import json, sys, time
+import json, os, sys, time
 sys.path.insert(0, {root!r})
 import torch
 from mlxtune.config import load_config
+cap = float(os.environ.get("MLXTUNE_GPU_CAP_GB", 0))
+if cap and torch.cuda.is_available():  # a 24 GB card on a bigger one
+    torch.cuda.set_per_process_memory_fraction(cap * 2**30 / torch.cuda.mem_get_info()[1])
 cfg = load_config(None, {sets!r})
 phase, out, t0 = {phase!r}, {{}}, time.perf_counter()
 if phase == "prepare":
@@ -68,24 +72,12 @@ def phase_peaks(sets: list[str], env: dict | None = None) -> dict[str, dict]:
 
 
 def chats(path: Path, n: int = 8, words: int = 20) -> Path:
-    """A small chat JSONL (fixed words and seed), for runs whose point is memory, not learning."""
+    """A chat JSONL of fixed words (one token each in the tiny tokenizers) and a fixed seed, for
+    runs whose point is memory, not learning."""
     import random
 
     rng = random.Random(1)
-    vocab = [
-        "the",
-        "quick",
-        "brown",
-        "fox",
-        "jumps",
-        "over",
-        "lazy",
-        "dog",
-        "weather",
-        "today",
-        "sunny",
-        "cloudy",
-    ]
+    vocab = "the quick brown fox jumps over lazy dog weather today sunny cloudy".split()
     lines = []
     for _ in range(n):
         turns = [{"role": role, "content": " ".join(rng.choice(vocab) for _ in range(words))}
@@ -93,6 +85,19 @@ def chats(path: Path, n: int = 8, words: int = 20) -> Path:
         lines.append(json.dumps({"messages": turns}) + "\n")
     path.write_text("".join(lines), encoding="utf-8")
     return path
+
+
+def mlx_peak(model: Path, data: Path, out: Path, *extra: str):
+    """(config, MLX's peak bytes) of a 4-step MLX run of `model` on `data` in fp32."""
+    from .config import load_config
+    from .trainer import train
+
+    cfg = load_config(None, [f"model.path={model}", f"data.train={data}", "model.dtype=float32",
+                             f"output.dir={out}", "train.iters=4", "train.report_every=2",
+                             "train.eval_every=0", "train.save_every=0", *extra])  # fmt: skip
+    run_dir = train(cfg, echo=lambda line: None)
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return cfg, max(r["peak_memory_gb"] for r in rows) * 1e9
 
 
 def recipe_sets(model: Path, work: Path, *extra: str) -> list[str]:
