@@ -77,7 +77,8 @@ def chats(path: Path, n: int = 8, words: int = 20) -> Path:
     import random
 
     rng = random.Random(1)
-    vocab = "the quick brown fox jumps over lazy dog weather today sunny cloudy".split()
+    vocab = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "weather", "today",
+             "sunny", "cloudy"]  # fmt: skip
     lines = []
     for _ in range(n):
         turns = [{"role": role, "content": " ".join(rng.choice(vocab) for _ in range(words))}
