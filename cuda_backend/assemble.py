@@ -105,6 +105,11 @@ class PinnedBlock:
                              "that the RAM mlxtune plan asks for is free")  # fmt: skip
         PinnedBlock._alive[tensor.data_ptr()] = self
 
+    def release(self) -> None:
+        """Unlock the pages (the caller drops its last reference to the tensor next)."""
+        if PinnedBlock._alive.pop(self.tensor.data_ptr(), None) is not None:
+            torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
+
 
 class HostArena:
     """Host memory handed out in order and taken back all at once, for what one micro-batch
@@ -116,6 +121,7 @@ class HostArena:
     def __init__(self, pin: bool):
         self.pin, self.at = pin, 0
         self.block = torch.empty(0, dtype=torch.uint8)
+        self.locked: PinnedBlock | None = None
         self.spill: list[torch.Tensor] = []  # what did not fit, until the next reset
 
     def take(self, shape, dtype: torch.dtype) -> torch.Tensor:
@@ -134,8 +140,11 @@ class HostArena:
         """Everything handed out is free again (the micro-batch's backward is done)."""
         if self.spill:  # one block for the whole need from now on
             need = self.at + sum(-(-t.numel() // nf4.ALIGN) * nf4.ALIGN for t in self.spill)
-            host = torch.empty(need, dtype=torch.uint8)
-            self.block = PinnedBlock(host).tensor if self.pin else host
+            if self.locked is not None:  # rare (the need grew): let pending copies finish first
+                torch.cuda.synchronize()
+                self.locked.release()
+            self.block = torch.empty(need, dtype=torch.uint8)
+            self.locked = PinnedBlock(self.block) if self.pin else None
             self.spill = []
         self.at = 0
 
