@@ -140,7 +140,7 @@ def check_fits(cfg: Config) -> None:
     from mlxtune import env, plan
 
     total, available = env.memory_bytes()
-    host = available or total
+    host = total or available  # the machine's RAM, as `mlxtune plan` counts it
     on_cpu = not torch.cuda.is_available()
     gpu = None
     if not on_cpu:
