@@ -94,7 +94,9 @@ class LoRAConfig:
     alpha: float = opt(16.0, "LoRA alpha; the update is scaled by alpha / rank")
     dropout: float = opt(0.0, "Dropout on the LoRA input, in [0, 1)")
     targets: tuple[str, ...] = opt((), "Module names to adapt; empty = the family's default table")
-    num_layers: int | None = opt(None, "Adapt only the last N decoder layers; null = all")
+    num_layers: int | None = opt(
+        None, "Adapt only the last N decoder layers; null or -1 = all (-1 as in mlx-lm)"
+    )
     vision: bool = opt(False, "Also adapt the vision tower's attention and MLP (Gemma 4)")
     audio: bool = opt(False, "Also adapt the audio tower's attention and feed-forwards (Gemma 4)")
     train_embedders: bool = opt(
@@ -102,7 +104,11 @@ class LoRAConfig:
     )
 
     def __post_init__(self) -> None:
-        _positive(self, "rank", "alpha", "num_layers")
+        if self.num_layers == -1:  # mlx-lm's spelling of "every layer"
+            object.__setattr__(self, "num_layers", None)
+        if self.num_layers is not None and self.num_layers <= 0:
+            raise Invalid("num_layers", f"must be > 0, or -1 for every layer; got {self.num_layers}")
+        _positive(self, "rank", "alpha")
         if not 0.0 <= self.dropout < 1.0:
             raise Invalid("dropout", f"must be in [0, 1), got {self.dropout}")
 
@@ -235,6 +241,11 @@ class FusionConfig:
     )
     max_request_kb: int = opt(1024, "fusion serve: largest request body accepted, KiB")
     max_concurrent: int = opt(16, "fusion serve: requests handled at once; more get HTTP 429")
+    expose_members: bool = opt(
+        False,
+        "fusion serve: also return each member's answer, model id and error to clients "
+        "(off: only the fused answer and usage)",
+    )
 
     def __post_init__(self) -> None:
         _positive(self, "rounds", "grace_s", "max_cost", allow_zero=True)

@@ -182,3 +182,14 @@ def test_shipped_config_loads(path):
 
 def test_configs_folder_is_not_empty():
     assert len(list((ROOT / "configs").rglob("*.yaml"))) >= 3
+
+
+def test_num_layers_minus_one_means_every_layer_as_in_mlx_lm(tmp_path):
+    cfg = load_config(write(tmp_path, "lora:\n  num_layers: -1\n"))
+    assert cfg.lora.num_layers is None  # every layer, as null
+    assert load_config(None, ["lora.num_layers=4"]).lora.num_layers == 4
+    message = error(tmp_path, "lora:\n  num_layers: -2\n")
+    assert message.endswith("lora.num_layers: must be > 0, or -1 for every layer; got -2")
+    assert ":2: " in message
+    help_text = {row[0]: row[3] for row in describe_keys()}["lora.num_layers"]
+    assert "-1" in help_text
