@@ -43,7 +43,8 @@ def save(run_dir: Path, state: RunState, model: torch.nn.Module, optimizer, writ
         save_file(moments, str(tmp / "optimizer.safetensors"))
         write_adapter(tmp)
         info = {"step": state.step, "epoch": state.position.epoch,
-                "index": state.position.index, "rng": torch.get_rng_state().tolist()}  # fmt: skip
+                "index": state.position.index, "rng": torch.get_rng_state().tolist(),
+                "window": state.window}  # fmt: skip
         if torch.cuda.is_available():  # dropout on a GPU draws from the GPU's generators
             info["cuda_rng"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
         (tmp / "state.json").write_text(json.dumps(info) + "\n", encoding="utf-8")
@@ -76,4 +77,4 @@ def restore(ckpt: Path, model: torch.nn.Module, optimizer) -> RunState:
     cuda = info.get("cuda_rng")
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in cuda])
-    return RunState(info["step"], Position(info["epoch"], info["index"]))
+    return RunState(info["step"], Position(info["epoch"], info["index"]), info.get("window", {}))

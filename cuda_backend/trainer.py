@@ -34,8 +34,8 @@ from mlxtune.data.batching import (
 from mlxtune.errors import ConfigError, ModelError
 from mlxtune.io import atomic_folder
 from mlxtune.plan.cuda import uses_cache
-from mlxtune.progress import METRICS, Reporter, truncate_metrics
-from mlxtune.runs import all_checkpoints, check_run_dir, total_steps, write_final
+from mlxtune.progress import METRICS, Reporter, new_window, saved_window, truncate_metrics
+from mlxtune.runs import all_checkpoints, check_run_dir, clean_stale, total_steps, write_final
 
 from . import assemble, checkpoint, lora, prepare
 from . import model as model_lib
@@ -248,6 +248,8 @@ def train(cfg: Config, resume: bool = False, echo: Callable[[str], None] | None 
     if resume:
         state = checkpoint.restore(all_checkpoints(run_dir)[-1], model, optimizer)
         truncate_metrics(run_dir / METRICS, state.step)
+        for stale in clean_stale(run_dir):
+            say(f"removed {stale.name}: left half-written by the stopped run")
         say(f"resuming {run_dir} at step {state.step}/{total}")
     say(f"training {lora.count(lora.trainable(model)):,} parameters ({cfg.lora.method}, "
         f"{len(engine.adapted)} modules) on {engine.loaded.device}, {total} steps"
@@ -259,7 +261,7 @@ def train(cfg: Config, resume: bool = False, echo: Callable[[str], None] | None 
         store.arena = arena
     model.train()
     _reset_peak(engine)
-    window, position, step = _window(), state.position, state.step
+    window, position, step = new_window(state.window), state.position, state.step
     while step < total:
         step += 1
         for group in optimizer.param_groups:
@@ -290,14 +292,14 @@ def train(cfg: Config, resume: bool = False, echo: Callable[[str], None] | None 
                            _peak_gb(engine), elapsed / window["steps"],
                            grad_norm=round(float(norm), 4), loss_tokens=window["tokens"],
                            real_tokens=window["real"], elapsed_s=round(elapsed, 4))  # fmt: skip
-            window = _window()
+            window = new_window()
         if valid_data is not None and (
             step == total or (t.eval_every and step % t.eval_every == 0)
         ):
             r = evaluate(engine, valid_data, t.eval_batches)
             reporter.valid(step, r["loss"], r["perplexity"], r["tokens"])
         if step == total or (t.save_every and step % t.save_every == 0):
-            checkpoint.save(run_dir, checkpoint.RunState(step, position), model, optimizer,
+            checkpoint.save(run_dir, checkpoint.RunState(step, position, saved_window(window)), model, optimizer,
                             engine.write_adapter, cfg.output.keep_checkpoints)  # fmt: skip
     write_final(run_dir, engine.write_adapter)
     say(f"done: {run_dir}")
@@ -367,7 +369,3 @@ def peak_rss() -> int:
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
-
-
-def _window() -> dict:
-    return {"loss": 0.0, "tokens": 0, "real": 0, "slots": 0, "steps": 0, "t0": time.perf_counter()}

@@ -46,6 +46,7 @@ def save(
             "epoch": state.position.epoch,
             "index": state.position.index,
             "rng": mx.random.state[0].tolist(),
+            "window": state.window,
         }
         (tmp / "state.json").write_text(json.dumps(info) + "\n", encoding="utf-8")
     if keep:
@@ -72,7 +73,7 @@ def restore(ckpt: Path, model: nn.Module, optimizer: optim.Optimizer) -> RunStat
     hi, lo = info["rng"]  # the key is the 64-bit seed in two halves: seeding restores it exactly
     mx.random.seed((hi << 32) | lo)
     mx.eval(model.parameters(), optimizer.state)
-    return RunState(info["step"], Position(info["epoch"], info["index"]))
+    return RunState(info["step"], Position(info["epoch"], info["index"]), info.get("window", {}))
 
 
 def _flat(tree) -> dict[str, mx.array]:

@@ -107,7 +107,9 @@ class LoRAConfig:
         if self.num_layers == -1:  # mlx-lm's spelling of "every layer"
             object.__setattr__(self, "num_layers", None)
         if self.num_layers is not None and self.num_layers <= 0:
-            raise Invalid("num_layers", f"must be > 0, or -1 for every layer; got {self.num_layers}")
+            raise Invalid(
+                "num_layers", f"must be > 0, or -1 for every layer; got {self.num_layers}"
+            )
         _positive(self, "rank", "alpha")
         if not 0.0 <= self.dropout < 1.0:
             raise Invalid("dropout", f"must be in [0, 1), got {self.dropout}")

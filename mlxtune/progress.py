@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -74,3 +75,24 @@ def read_metrics(path: Path, up_to_step: int | None = None) -> list[dict]:
         json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line
     ]
     return [r for r in rows if up_to_step is None or r["step"] <= up_to_step]
+
+
+WINDOW_KEYS = ("loss", "tokens", "real", "slots", "steps")
+
+
+def new_window(saved: dict | None = None) -> dict:
+    """Running sums between two progress reports; `saved` (a checkpoint's) restarts them where
+    the stopped run left them, so the next report averages the same steps as a straight run."""
+    saved = saved or {}
+    window = {k: saved.get(k, 0) for k in WINDOW_KEYS}
+    window["loss"] = float(window["loss"])
+    window["t0"] = time.perf_counter() - saved.get("elapsed", 0.0)
+    return window
+
+
+def saved_window(window: dict) -> dict:
+    """What a checkpoint keeps of the running sums (plain numbers)."""
+    out = {k: window[k] for k in WINDOW_KEYS}
+    out["loss"] = float(out["loss"])
+    out["elapsed"] = time.perf_counter() - window["t0"]
+    return out

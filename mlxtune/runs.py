@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import Config, TrainConfig
@@ -19,6 +20,20 @@ CHECKPOINTS = "checkpoints"
 class RunState:
     step: int = 0  # optimizer steps completed
     position: Position = Position()  # the next micro-batch
+    # The progress report's running sums since the last report (loss, tokens, real, slots,
+    # steps, elapsed): a resumed run's next report averages the same steps as a straight run's.
+    window: dict = field(default_factory=dict)
+
+
+def clean_stale(run_dir: Path) -> list[Path]:
+    """Remove what a killed run left half-written: the temp folders of checkpoints and of the
+    final adapter (`atomic_folder`'s `.NAME.*`, and `.final`). Called when a run resumes."""
+    run_dir = Path(run_dir)
+    stale = [*run_dir.glob("..final.*"), *run_dir.glob(".final"),
+             *(run_dir / CHECKPOINTS).glob(".step-*")]  # fmt: skip
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
 
 
 def all_checkpoints(run_dir: Path) -> list[Path]:

@@ -35,8 +35,8 @@ from .data.batching import (
 )
 from .errors import ConfigError, ModelError
 from .io import atomic_folder
-from .progress import METRICS, Reporter, truncate_metrics
-from .runs import all_checkpoints, check_run_dir, total_steps, write_final
+from .progress import METRICS, Reporter, new_window, saved_window, truncate_metrics
+from .runs import all_checkpoints, check_run_dir, clean_stale, total_steps, write_final
 
 GATHER_MULTIPLE = 64  # loss positions pad up to this (or to the chunk), bounding compiled shapes
 GATHER_MIN = 16  # ... or, when fewer, to a power of two from this: short answers stay cheap
@@ -255,7 +255,11 @@ def train(cfg: Config, resume: bool = False, echo: Callable[[str], None] | None 
     state = checkpoint.RunState()
     if resume:
         state = checkpoint.restore(all_checkpoints(run_dir)[-1], model, optimizer)
-        truncate_metrics(run_dir / METRICS, state.step)  # steps after it are redone
+        truncate_metrics(run_dir / METRICS, state.step)
+        for stale in clean_stale(run_dir):
+            say(
+                f"removed {stale.name}: left half-written by the stopped run"
+            )  # steps after it are redone
         say(f"resuming {run_dir} at step {state.step}/{total}")
         if state.step >= total:
             say(f"nothing to do: the run is at step {state.step}; raise train.iters to go on")
@@ -284,7 +288,8 @@ def train(cfg: Config, resume: bool = False, echo: Callable[[str], None] | None 
     reporter = Reporter(run_dir / METRICS, total, say)
     model.train()
     mx.reset_peak_memory()
-    window = _window()
+    window = new_window(state.window)
+    window["loss"] = mx.array(window["loss"])  # summed on the device, read at report time
     position, step = state.position, state.step
     while step < total:
         step += 1
@@ -309,22 +314,17 @@ def train(cfg: Config, resume: bool = False, echo: Callable[[str], None] | None 
                            mx.get_peak_memory() / 1e9, elapsed / window["steps"],
                            grad_norm=round(norm.item(), 4), loss_tokens=window["tokens"],
                            real_tokens=window["real"], elapsed_s=round(elapsed, 4))  # fmt: skip
-            window = _window()
+            window = new_window()
+            window["loss"] = mx.array(0.0)
         if valid_data is not None and (
             step == total or (t.eval_every and step % t.eval_every == 0)
         ):
             r = evaluate(engine, valid_data, t.eval_batches)
             reporter.valid(step, r["loss"], r["perplexity"], r["tokens"])
         if step == total or (t.save_every and step % t.save_every == 0):
-            state = checkpoint.RunState(step, position)
+            state = checkpoint.RunState(step, position, saved_window(window))
             checkpoint.save(run_dir, state, model, optimizer, engine.write_adapter,
                             cfg.output.keep_checkpoints)  # fmt: skip
     write_final(run_dir, engine.write_adapter)
     say(f"done: {run_dir}")
     return run_dir
-
-
-def _window() -> dict:
-    """Running sums between two progress reports."""
-    return {"loss": mx.array(0.0), "tokens": 0, "real": 0, "slots": 0, "steps": 0,
-            "t0": time.perf_counter()}  # fmt: skip

@@ -364,20 +364,29 @@ def test_a_llama4_lora_run_equals_transformers_plus_peft(tiny, tmp_path, extra):
     np.testing.assert_allclose(ours, theirs, rtol=2e-4)
 
 
-def test_streamed_nf4_experts_train_and_checkpoints_resume(tiny, tmp_path):
+@pytest.mark.parametrize("report_every", [1, 2])
+def test_streamed_nf4_experts_train_and_checkpoints_resume(tiny, tmp_path, report_every):
     """offload_experts + quantize 4 (the 24 GB recipe's shape, on the CPU): the loss falls, and a
-    run stopped at step 3 and resumed gives the same curve as a straight run."""
+    run killed after its checkpoint at step 3 and resumed gives the same curve as a straight
+    run (reporting every 2 steps too: the report at step 4 averages steps 3 and 4 in both)."""
     extra = ("model.offload_experts=true", "model.expert_chunk=2", "model.quantize=4",
-             "train.grad_checkpoint=true", "train.save_every=3", "lora.dropout=0.1")  # fmt: skip
+             "train.grad_checkpoint=true", "train.save_every=3", "lora.dropout=0.1",
+             f"train.report_every={report_every}")  # fmt: skip
     cfg, straight = _llama4_run_losses(tiny, tmp_path / "a", extra)
     assert straight[-1] < straight[0]
-    stopped = load_config(None, [*run_overrides(tiny("llama4"), tmp_path / "b" / "run",
-                                                "model.backend=cuda", "train.report_every=1",
-                                                "train.iters=3", "train.lr_schedule=constant",
-                                                *extra)])  # fmt: skip
-    run_dir = ttrainer.train(stopped, echo=lambda line: None)
-    resumed = load_config(run_dir / "config.yaml", [f"output.dir={run_dir}", "train.iters=6"])
-    ttrainer.train(resumed, resume=True, echo=lambda line: None)
+    stopped = load_config(None, run_overrides(tiny("llama4"), tmp_path / "b" / "run",
+                                              "model.backend=cuda", "train.iters=6",
+                                              "train.lr_schedule=constant", *extra))  # fmt: skip
+
+    def kill_at_step_4(line):
+        if line.startswith("step 4/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ttrainer.train(stopped, echo=kill_at_step_4)
+    run_dir = tmp_path / "b" / "run"
+    ttrainer.train(load_config(run_dir / "config.yaml", [f"output.dir={run_dir}"]), resume=True,
+                   echo=lambda line: None)  # fmt: skip
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     np.testing.assert_allclose([r["loss"] for r in rows if r["kind"] == "train"], straight,
                                rtol=1e-5)  # fmt: skip

@@ -69,24 +69,37 @@ def test_gradient_checkpointing_changes_no_gradient(tiny, tmp_path):
         np.testing.assert_allclose(got[1][k], want[1][k], rtol=1e-5, atol=1e-8)
 
 
-def test_resume_continues_the_same_loss_curve(tiny, tmp_path):
-    """Stop a run after step 5 (checkpoint at 4), resume it, and compare with a straight run.
-    Dropout is on, so the RNG state has to come back too."""
-    settings = ("lora.dropout=0.1", "train.iters=8", "train.save_every=4", "train.grad_accum=2")
+@pytest.mark.parametrize("report_every", [1, 3])
+def test_resume_continues_the_same_loss_curve(tiny, tmp_path, report_every):
+    """Stop a run after step 6 (checkpoint at 4), resume it, and compare with a straight run.
+    Dropout is on, so the RNG state has to come back too. Reporting every 3 steps, the report
+    at step 6 averages steps 4 to 6 in both runs (the checkpoint keeps the running sums). What
+    the killed run left half-written (a checkpoint's and the final adapter's temp folders) is
+    removed when it resumes."""
+    settings = ("lora.dropout=0.1", "train.iters=8", "train.save_every=4", "train.grad_accum=2",
+                f"train.report_every={report_every}")  # fmt: skip
     straight = trainer.train(
         load_config(None, run_overrides(tiny("llama"), tmp_path / "a", *settings)),
         echo=lambda line: None,
     )
     cfg = load_config(None, run_overrides(tiny("llama"), tmp_path / "b", *settings))
 
-    def stop_after_step_5(line):
-        if line.startswith("step 5/"):
+    def stop_after_step_6(line):
+        if line.startswith("step 6/"):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        trainer.train(cfg, echo=stop_after_step_5)
-    assert [r["step"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl")] == [1, 2, 3, 4, 5]
-    resumed = trainer.train(cfg, resume=True, echo=lambda line: None)
+        trainer.train(cfg, echo=stop_after_step_6)
+    steps = [r["step"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl")]
+    assert steps == list(range(report_every, 7, report_every))
+    leftovers = [tmp_path / "b" / "..final.x1y2", tmp_path / "b" / "checkpoints" / ".step-0000008.z"]
+    for folder in leftovers:  # as a kill during atomic_folder leaves them
+        folder.mkdir()
+        (folder / "adapter_model.safetensors").write_bytes(b"half")
+    lines = []
+    resumed = trainer.train(cfg, resume=True, echo=lines.append)
+    assert not any(f.exists() for f in leftovers)
+    assert any(line.startswith("removed ..final.x1y2") for line in lines)
 
     def curve(run):
         return [
@@ -95,7 +108,7 @@ def test_resume_continues_the_same_loss_curve(tiny, tmp_path):
             if r["kind"] == "train"
         ]
 
-    assert [s for s, _ in curve(resumed)] == list(range(1, 9))
+    assert [s for s, _ in curve(resumed)] == [*range(report_every, 8, report_every), 8]
     np.testing.assert_allclose(
         [x for _, x in curve(resumed)], [x for _, x in curve(straight)], rtol=1e-6
     )
