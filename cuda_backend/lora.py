@@ -75,16 +75,24 @@ class LoRALinear(nn.Module):
         norm = (w.float() + self.delta().float()).norm(dim=1).detach()  # a constant, as PEFT
         factor = (self.m / norm).to(x.dtype)
         plain = isinstance(self.dropout, nn.Identity) or not self.training
-        base = y if plain else nn.functional.linear(dropped, w.to(x.dtype))
+        bias = getattr(self.base, "bias", None)
+        # the magnitude rescales W x, never the bias (PEFT subtracts it before scaling)
+        base = (y - bias if bias is not None else y) if plain else \
+            nn.functional.linear(dropped, w.to(x.dtype))  # fmt: skip
         return y + (factor - 1) * base + factor * update
 
     def fuse(self) -> nn.Linear:
+        """A plain linear layer with the update folded into its weight; its bias is kept."""
         w = dense_weight(self.base).detach().float() + self.delta().detach().float()
         if self.m is not None:
             w = w * (self.m.detach() / w.norm(dim=1))[:, None]
         dtype = dense_weight(self.base).dtype
-        fused = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=dtype)
+        bias = getattr(self.base, "bias", None)
+        fused = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device,
+                          dtype=dtype)  # fmt: skip
         fused.weight.data.copy_(w.to(dtype))
+        if bias is not None:
+            fused.bias.data.copy_(bias.detach().to(dtype))
         return fused
 
 

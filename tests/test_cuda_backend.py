@@ -474,3 +474,71 @@ def test_llama4_default_targets_are_attention_shared_expert_and_dense_ffn(tiny):
     assert any(".feed_forward.shared_expert.down_proj" in n for n in names)
     assert any(n.endswith("layers.0.feed_forward.gate_proj") for n in names)  # a dense layer
     assert not any("router" in n or "experts." in n for n in names)
+
+
+# ------------------------------------------------------------------- biased projections
+
+
+@pytest.fixture(scope="module")
+def biased(tiny, tmp_path_factory):
+    """A tiny Llama whose attention projections carry biases, as Qwen2's q/k/v do: the tiny
+    Llama's config with attention_bias, weights drawn by transformers, biases made non-zero."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    src, out = tiny("llama"), tmp_path_factory.mktemp("biased") / "model"
+    out.mkdir()
+    config = json.loads((src / "config.json").read_text()) | {"attention_bias": True}
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    for name, value in state.items():
+        if name.endswith(".bias"):
+            value.normal_(0.0, 0.5)
+    if config.get("tie_word_embeddings"):
+        state.pop("lm_head.weight", None)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy2(f, out / f.name)
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_biased_projections_train_merge_and_export_as_peft_does(biased, tmp_path, method):
+    """LoRA and DoRA on layers with biases: the twin's adapter gives PEFT's logits (DoRA's
+    magnitude rescales W x, never the bias), the MLX engine's too; the twin's fused layers and
+    the merged export keep the biases."""
+    import mlx.core as mx
+
+    from mlxtune import trainer as mtrainer
+    from mlxtune.export import export
+
+    run_dir = ttrainer.train(load_config(None, run_overrides(biased, tmp_path / "run",
+                                                             "model.backend=cuda",
+                                                             f"lora.method={method}",
+                                                             "train.iters=4")),
+                             echo=lambda line: None)  # fmt: skip
+    ids = [[2, 40, 50, 60, 70, 80, 90]]
+    twin = ttrainer.setup(load_config(run_dir / "config.yaml"), adapter=run_dir)
+    ours = _logits_torch(twin, ids)
+    reference = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(biased), run_dir).eval()  # fmt: skip
+    with torch.no_grad():
+        theirs = reference(input_ids=torch.tensor(ids)).logits.numpy()
+    untouched = _logits_torch(ttrainer.setup(load_config(run_dir / "config.yaml")), ids)
+    assert np.abs(theirs - untouched).max() > 1e-3  # the adapter matters
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+    mlx_engine = mtrainer.setup(load_config(run_dir / "config.yaml", ["model.backend=mlx"]),
+                                adapter=run_dir)  # fmt: skip
+    np.testing.assert_allclose(np.array(mlx_engine.model(mx.array(ids))), theirs, atol=1e-4)
+    tlora.fuse(twin.model)
+    assert all(m.bias is not None for n, m in twin.model.named_modules() if n.endswith("q_proj"))
+    np.testing.assert_allclose(_logits_torch(twin, ids), theirs, atol=1e-4)
+    merged = export(run_dir, tmp_path / "merged", "merged")
+    with torch.no_grad():
+        folded = transformers.AutoModelForCausalLM.from_pretrained(merged)(
+            input_ids=torch.tensor(ids)).logits.numpy()  # fmt: skip
+    np.testing.assert_allclose(folded, theirs, atol=1e-4)
