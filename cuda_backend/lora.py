@@ -18,7 +18,7 @@ from torch import nn
 
 from mlxtune.config import LoRAConfig
 from mlxtune.errors import ConfigError
-from mlxtune.targets import DEFAULT_TARGETS, hits
+from mlxtune.targets import DEFAULT_TARGETS, EMBEDDERS, TOWER_TARGETS, hits
 
 
 def dense_weight(layer: nn.Module) -> torch.Tensor:
@@ -123,8 +123,6 @@ def apply(model: nn.Module, cfg: LoRAConfig, model_type: str) -> list[str]:
         for _, block in chosen:
             block.requires_grad_(True)
         return [f"{prefix}.{i}" for i, _ in chosen]
-    if cfg.vision or cfg.audio or cfg.train_embedders:
-        raise ConfigError("lora.vision/audio/train_embedders: not on model.backend cuda yet")
     targets = cfg.targets or DEFAULT_TARGETS.get(model_type, ())
     paths = [
         f"{prefix}.{i}.{path}"
@@ -135,7 +133,31 @@ def apply(model: nn.Module, cfg: LoRAConfig, model_type: str) -> list[str]:
     if not paths:
         wanted = ", ".join(targets) or "any linear layer"
         raise ConfigError(f"lora.targets: no module matches ({wanted}) in the model's blocks")
+    for tower in ("vision", "audio"):
+        if getattr(cfg, tower):
+            paths += _tower_paths(model, tower)
     swap(model, paths, cfg)
+    if cfg.train_embedders:
+        found = [p for p, _ in model.named_modules() if p.rsplit(".", 1)[-1] in EMBEDDERS]
+        if not found:
+            raise ConfigError("lora.train_embedders: this model has no multimodal embedders")
+        for path in found:
+            model.get_submodule(path).requires_grad_(True)
+    return paths
+
+
+def _tower_paths(model: nn.Module, kind: str) -> list[str]:
+    """The attention and feed-forward linears of Gemma's vision or audio tower (lora.vision /
+    lora.audio), by the same names as the MLX engine's towers (Hugging Face's)."""
+    towers = [p for p, _ in model.named_modules() if p.endswith(f"{kind}_tower")]
+    if not towers:
+        raise ConfigError(f"lora.{kind}: this model has no {kind}_tower")
+    root = min(towers, key=len)
+    paths = [f"{root}.{p}" for p, m in model.get_submodule(root).named_modules()
+             if is_linear(m) and hits(p, TOWER_TARGETS)]  # fmt: skip
+    if not paths:
+        raise ConfigError(f"lora.{kind}: this model's {kind}_tower has no linear layers to adapt; "
+                          "lora.train_embedders trains what maps its output into the text model")  # fmt: skip
     return paths
 
 

@@ -68,7 +68,8 @@ def load(cfg: ModelConfig) -> Loaded:
     path = resolve_path(cfg.path)
     config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     if cfg.quantize not in (None, 4):
-        raise ModelError("model.quantize: the cuda backend stores 4-bit NF4 only; use 4")
+        raise ModelError("model.quantize: 8 is the MLX backend's 8-bit format; the cuda backend "
+                         "quantizes to 4-bit NF4 (QLoRA's, read by bitsandbytes): use 4, or null")  # fmt: skip
     where = device()
     prefix = ""
     if uses_cache(cfg):

@@ -56,7 +56,8 @@ class Engine(DataOf):
     notes: list[str] = field(default_factory=list)
 
     def adapter(self) -> adapters.Adapter:
-        """The trained LoRA tensors in PEFT's layout, under the checkpoint's module names."""
+        """The trained LoRA tensors in PEFT's layout, under the checkpoint's module names; any
+        other trained parameter (an embedder trained in full) under its checkpoint name."""
         modules = {}
         for path in self.adapted:
             layer = self.model.get_submodule(path)
@@ -65,7 +66,9 @@ class Engine(DataOf):
                 layer.lora_B.detach().float().cpu().numpy(),
                 None if layer.m is None else layer.m.detach().float().cpu().numpy(),
             )
-        return adapters.Adapter(self.cfg.lora, modules, str(self.cfg.model.path))
+        full = {self.hf_names[k]: p.detach().float().cpu().numpy()
+                for k, p in _full_params(self.model).items()}  # fmt: skip
+        return adapters.Adapter(self.cfg.lora, modules, str(self.cfg.model.path), full)
 
     def write_adapter(self, folder: Path) -> None:
         if self.cfg.lora.method == "full":
@@ -95,6 +98,10 @@ def setup(cfg: Config, adapter: str | Path | None = None) -> Engine:
                 if k.startswith(loaded.prefix)
             ]  # Llama 4 text-only: not the vision tower
             hf_names = adapters.match_names(adapted, theirs)
+            tensors = [
+                k for k in adapters.tensor_shapes(loaded.path) if k.startswith(loaded.prefix)
+            ]
+            hf_names |= adapters.match_names(list(_full_params(loaded.model)), tensors)
     if cfg.train.grad_checkpoint:
         loaded.model.gradient_checkpointing_enable({"use_reentrant": False})
         for store in loaded.stores:
@@ -130,8 +137,21 @@ def attach(loaded: model_lib.Loaded, cfg: Config, folder: Path):
                     raise ModelError(f"{folder}: adapter does not match the model: {hf} has "
                                      f"shape {value.shape}, the layer needs {tuple(param.shape)}")  # fmt: skip
                 param.copy_(torch.from_numpy(np.asarray(value)).to(param.device, param.dtype))
+        try:  # modules PEFT saves in full (modules_to_save): the embedders
+            ours = adapters.match_names(list(saved.full), [n for n, _ in model.named_parameters()])
+        except ModelError as e:
+            raise ModelError(f"{folder}: adapter does not match the model: {e}") from None
+        params = dict(model.named_parameters())
+        for hf, name in ours.items():
+            params[name].copy_(torch.from_numpy(np.asarray(saved.full[hf])).to(params[name]))
     model.requires_grad_(False)
     return replace(cfg, lora=saved.lora), list(to_ours.values()), {v: k for k, v in to_ours.items()}
+
+
+def _full_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Trained parameters that are not LoRA's (lora.train_embedders)."""
+    leaves = (".lora_A", ".lora_B", ".m")
+    return {k: p for k, p in lora.trainable(model).items() if not k.endswith(leaves)}
 
 
 def check_fits(cfg: Config) -> None:

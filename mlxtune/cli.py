@@ -157,14 +157,21 @@ def eval_(config, overrides, adapter, data_file, max_rows):
     if not path:
         raise MlxtuneError("data.valid: not set; give it in the config or pass --data FILE")
     from .data.rows import read_rows
-    from .generate import exact_match
 
     trainer = _engine(cfg)
     engine = trainer.setup(cfg, adapter)
     result = {"data": str(path), **trainer.evaluate(engine, engine.dataset(path))}
-    if max_rows and cfg.model.backend == "mlx":
+    if max_rows:  # the same metrics on both backends
         rows = read_rows(path)
-        result |= exact_match(engine.model, engine.loaded.wrapper, rows, max_rows, engine.media)
+        if cfg.model.backend == "cuda":
+            from cuda_backend.generate import exact_match as twin_exact_match
+
+            result |= twin_exact_match(engine.loaded, rows, max_rows, engine.media)
+        else:
+            from .generate import exact_match
+
+            result |= exact_match(engine.model, engine.loaded.wrapper, rows, max_rows,
+                                  engine.media)  # fmt: skip
     click.echo(json.dumps(result, indent=2))
 
 

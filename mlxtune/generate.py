@@ -35,8 +35,10 @@ def user_prompt(tokenizer, text: str) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def chat_prompt(tokenizer, row: Row, plan: MediaPlan | None = None) -> Prompt:
-    """The row's messages as a prompt awaiting the model's turn."""
+def chat_prompt(tokenizer, row: Row, plan: MediaPlan | None = None,
+                round_up: bool = True) -> Prompt:  # fmt: skip
+    """The row's messages as a prompt awaiting the model's turn (`round_up`: as
+    `media_arrays`; transformers' towers take the media unpadded)."""
     messages = list(row.messages)
     if not tokenizer.chat_template:
         return Prompt(text=messages[0]["content"])
@@ -46,7 +48,8 @@ def chat_prompt(tokenizer, row: Row, plan: MediaPlan | None = None) -> Prompt:
     text = surround_placeholders(text, tokenizer, plan)
     ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
     ex = expand_media(Encoded(ids, np.zeros(len(ids), bool), row.where), row, plan)
-    return Prompt(ids=ex.ids, media=media_arrays([(m.start, m) for m in ex.media], len(ex.ids)))
+    placed = [(m.start, m) for m in ex.media]
+    return Prompt(ids=ex.ids, media=media_arrays(placed, len(ex.ids), round_up=round_up))
 
 
 def media_prompt(loaded, text: str, images=(), audio=(), image_soft_tokens=None) -> Prompt:

@@ -542,3 +542,57 @@ def test_biased_projections_train_merge_and_export_as_peft_does(biased, tmp_path
         folded = transformers.AutoModelForCausalLM.from_pretrained(merged)(
             input_ids=torch.tensor(ids)).logits.numpy()  # fmt: skip
     np.testing.assert_allclose(folded, theirs, atol=1e-4)
+
+
+def test_the_twin_trains_tower_lora_and_embedders_as_the_mlx_engine_reads_them(tiny, tmp_path):
+    """lora.vision, lora.audio and lora.train_embedders on the twin (transformers' Gemma 4):
+    its adapter names the towers' linears and saves the embedders in full (PEFT's
+    modules_to_save), and the MLX engine with that adapter gives the twin's loss on a batch of
+    pictures and clips."""
+    from mlxtune import demo
+    from mlxtune import trainer as mtrainer
+
+    train_file, _ = demo.write_media_task(tmp_path / "task", n_train=6, n_valid=3)
+    sets = [f"model.path={tiny('gemma4')}", "model.dtype=float32", "data.image_soft_tokens=70",
+            "data.max_seq_len=512", f"data.train={train_file}", "lora.vision=true",
+            "lora.audio=true", "lora.train_embedders=true", "train.iters=3",
+            "train.batch_size=2", "train.learning_rate=1e-2", "train.eval_every=0",
+            f"output.dir={tmp_path / 'run'}"]  # fmt: skip
+    run_dir = ttrainer.train(load_config(None, [*sets, "model.backend=cuda"]),
+                             echo=lambda line: None)  # fmt: skip
+    config = json.loads((run_dir / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["model.embed_audio.embedding_projection",
+                                         "model.embed_vision.embedding_projection"]  # fmt: skip
+    assert any(".vision_tower." in t for t in config["target_modules"])
+    assert any(".audio_tower." in t for t in config["target_modules"])
+    twin = ttrainer.setup(load_config(run_dir / "config.yaml"), adapter=run_dir)
+    mlx_engine = mtrainer.setup(load_config(run_dir / "config.yaml", ["model.backend=mlx"]),
+                                adapter=run_dir)  # fmt: skip
+    data = twin.dataset(str(train_file))
+    batch = collate(data.examples, [[0, 1, 2], [3, 4, 5]], 512)
+    ours = mtrainer.batch_loss(mlx_engine.model, mlx_engine.split, 128,
+                               *mtrainer.device_arrays(batch, 64)).item()  # fmt: skip
+    with torch.no_grad():
+        theirs = float(ttrainer.batch_loss(twin, *ttrainer.device_arrays(twin, batch, 64)))
+        untouched = ttrainer.setup(load_config(run_dir / "config.yaml"))
+        before = float(
+            ttrainer.batch_loss(untouched, *ttrainer.device_arrays(untouched, batch, 64))
+        )
+    np.testing.assert_allclose(theirs, ours, rtol=1e-4)
+    assert abs(theirs - before) > 1e-3  # the adapter (towers and embedders too) did something
+
+
+def test_an_8_bit_base_on_the_twin_is_refused_in_one_line_naming_the_key(tiny, tmp_path):
+    from _cli import mlxtune
+
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  backend: cuda\n")
+    out = mlxtune("train", config, "--set", f"model.path={tiny('llama')}",
+                  "--set", "model.quantize=8", "--set", f"data.train={DATA / 'chat_train.jsonl'}",
+                  "--set", f"output.dir={tmp_path / 'run'}")  # fmt: skip
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "mlxtune: error: model.quantize: 8 is the MLX backend's 8-bit format; the cuda backend "
+        "quantizes to 4-bit NF4 (QLoRA's, read by bitsandbytes): use 4, or null"
+    ]
+    assert not (tmp_path / "run").exists()

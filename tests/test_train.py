@@ -92,7 +92,10 @@ def test_resume_continues_the_same_loss_curve(tiny, tmp_path, report_every):
         trainer.train(cfg, echo=stop_after_step_6)
     steps = [r["step"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl")]
     assert steps == list(range(report_every, 7, report_every))
-    leftovers = [tmp_path / "b" / "..final.x1y2", tmp_path / "b" / "checkpoints" / ".step-0000008.z"]
+    leftovers = [
+        tmp_path / "b" / "..final.x1y2",
+        tmp_path / "b" / "checkpoints" / ".step-0000008.z",
+    ]
     for folder in leftovers:  # as a kill during atomic_folder leaves them
         folder.mkdir()
         (folder / "adapter_model.safetensors").write_bytes(b"half")
@@ -208,6 +211,22 @@ def test_a_tiny_model_learns_a_held_out_task(tiny, tmp_path):
     after = trainer.setup(cfg, adapter=run_dir)
     result = exact_match(after.model, after.loaded.wrapper, rows)
     assert result["exact_match_rows"] == 48 and result["exact_match"] >= 0.85, result
+    # `mlxtune eval` reports the same metrics on the PyTorch twin, from the same adapter
+    from click.testing import CliRunner
+
+    from mlxtune.cli import cli
+
+    config = tmp_path / "config.yaml"
+    config.write_text(cfg.to_yaml())
+    reports = {}
+    for backend in ("mlx", "cuda"):
+        out = CliRunner().invoke(cli, ["eval", str(config), "--adapter", str(run_dir), "--set",
+                                       f"model.backend={backend}"])  # fmt: skip
+        assert out.exit_code == 0, out.output
+        reports[backend] = json.loads(out.stdout)
+    assert reports["cuda"]["exact_match"] == reports["mlx"]["exact_match"] == result["exact_match"]
+    assert reports["cuda"]["exact_match_rows"] == 48
+    assert reports["cuda"]["loss"] == pytest.approx(reports["mlx"]["loss"], rel=1e-4)
 
 
 def test_epochs_set_the_number_of_steps(tiny, tmp_path):
