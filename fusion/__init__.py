@@ -6,7 +6,9 @@
 
 Modules: wire (payloads, SSE, errors: pure), client (the session, deadlines, retries, quorum),
 modes (best-of, merge, debate, self), result (calls, the result and its report), server (an
-OpenAI-compatible endpoint), eval (accuracy against gold answers).
+OpenAI-compatible endpoint), request (what the server accepts: pure), eval (accuracy against
+gold answers). Whether a `*_env` value is a variable's name or a pasted key is
+`mlxtune.keys`, used by the config schema.
 """
 
 from __future__ import annotations

@@ -4,11 +4,14 @@
         result = await client.run(messages, mode="merge")
 
 `call()` makes one streamed request and always returns a `Call` (an answer or a typed failure),
-never raises for what an endpoint does. Its deadlines: connect, first *content* token (SSE
-comments are keep-alives, not progress) and total, retries included. It retries only 408, 429,
-5xx, empty answers and connection errors, waiting `Retry-After` (or `retry-after-ms`) when given,
-else 0.5 s x 2^n capped at 8 s with jitter; never 400/401/403, and never once content has
-streamed (a broken stream is a `partial` failure: its text is not an answer). With
+never raises for what an endpoint does: a body, delta or usage count that is not the wire format,
+or a response aiohttp cannot parse, is that call's `bad-response`, never the fusion's. Its
+deadlines: connect, first *content* token (SSE comments are keep-alives, not progress) and
+total, retries included. It retries only 408, 429, 5xx, empty answers and connection errors,
+waiting `Retry-After` (seconds or an HTTP date, or `retry-after-ms`; at most 60 s; an unreadable
+one is ignored) when given, else 0.5 s x 2^n capped at 8 s with jitter; never 400/401/403, and
+never once content has streamed (a broken stream is a `partial` failure: its text is not an
+answer). An `api_key_env` shaped like a key is refused and never shown. With
 `hedge_after_s`, a second identical request starts if the first has no content by then, and
 whichever streams first wins.
 
@@ -133,6 +136,8 @@ class FusionClient:
                     raise asyncio.TimeoutError
                 got = await asyncio.wait_for(self._hedged(ep, body, headers, on_text), remaining)
                 return self._done(call, start, got, ep)
+            except wire.BadResponse as e:  # the usage object: a bad field fails this call only
+                return self._fail(call, start, "bad-response", wire.redact(str(e), secrets))
             except _Failed as f:
                 message = wire.redact(f.message, secrets)
                 wait = self._backoff(call.attempts, f.wait)
@@ -147,17 +152,17 @@ class FusionClient:
                 )
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
-        if retry_after is not None:
-            return min(retry_after, wire.MAX_RETRY_AFTER_S)
+        if retry_after is not None:  # already read and capped by wire.retry_after
+            return retry_after
         return min(0.5 * 2 ** (attempt - 1), MAX_BACKOFF_S) * self._rng.uniform(0.75, 1.0)
 
     def _done(self, call: Call, start: float, got: _Stream, ep: EndpointConfig) -> Call:
+        call.prompt_tokens, call.completion_tokens = wire.tokens(got.usage)  # may raise first
+        call.cost, call.cost_source = wire.cost(got.usage, ep)
         call.text = got.text
         call.http_status = got.status
         call.total_s = asyncio.get_running_loop().time() - start
         call.first_token_s = None if got.first_token is None else got.first_token - start
-        call.prompt_tokens, call.completion_tokens = wire.tokens(got.usage)
-        call.cost, call.cost_source = wire.cost(got.usage, ep)
         return call
 
     @staticmethod
@@ -219,8 +224,8 @@ class FusionClient:
             if got.text:
                 raise _Failed("partial", f"the stream broke after content: {_text(e)}") from None
             raise _Failed("connection", f"connection lost: {_text(e)}", retry=True) from None
-        except wire.BadResponse as e:
-            raise _Failed("partial" if got.text else "bad-response", str(e)) from None
+        except (wire.BadResponse, aiohttp.ClientError) as e:  # e.g. a malformed status line
+            raise _Failed("partial" if got.text else "bad-response", _text(e)) from None
         except asyncio.TimeoutError:
             if got.first_token is None:
                 raise _Failed("first-token-timeout",

@@ -12,7 +12,11 @@
 
 When every answer gives the same short or numeric answer, no judge is called. When the judge
 fails, or the budget is spent, the answer is the member answer most others agree with (ties:
-the fastest), and the result says so.
+the fastest), and the result says so. Streaming (`on_text`) sends the judge's answer as it is
+written, so a judge that fails after part of its answer went out cannot be replaced: that is a
+FusionError ("the judge failed after its answer began streaming"), never a member's answer
+glued to the judge's half; the caller ends its stream with an error. Before the first streamed
+character, and without streaming, the fallback applies as above.
 """
 
 from __future__ import annotations
@@ -180,8 +184,9 @@ def _early(calls, mode, started, client, on_text) -> FusionResult | None:
     ok = [c for c in calls if c.ok]
     if len(ok) < cfg.min_successful:
         why = "; ".join(f"{c.member}: {c.reason} ({c.error})" for c in calls if not c.ok)
-        raise FusionError(f"only {len(ok)} of {len(calls)} members answered "
-                          f"(fusion.min_successful is {cfg.min_successful}): {why}")  # fmt: skip
+        brief = (f"only {len(ok)} of {len(calls)} members answered "
+                 f"(fusion.min_successful is {cfg.min_successful})")  # fmt: skip
+        raise FusionError(f"{brief}: {why}", brief)
     result = FusionResult("", mode, calls)
     if cfg.skip_judge_on_agreement and _agreed(ok):
         result.judge_skipped = f"all {len(ok)} answers give {extract(ok[0].text)!r}"
@@ -203,9 +208,12 @@ async def _synthesize(client, messages, calls, order, body, mode, started, on_te
                               label=cfg.judge.label)  # fmt: skip
     result = FusionResult("", mode, calls, judge)
     result.verdict = {"order": {LABELS[i]: c.member for i, c in enumerate(order)}}
+    analysis, answer = split_synthesis(judge.text)
+    if gate.sent and not (judge.ok and answer.strip()):  # a fallback now would be a second answer
+        brief = "the judge failed after its answer began streaming"
+        raise FusionError(f"{brief}: {judge.reason} ({judge.error})", brief)
     if not judge.ok:
         return _fallback(result, f"judge failed: {judge.reason} ({judge.error})", started, on_text)
-    analysis, answer = split_synthesis(judge.text)
     result.verdict |= analysis
     if not answer.strip():
         return _fallback(result, "the judge wrote no answer", started, on_text)
@@ -215,24 +223,25 @@ async def _synthesize(client, messages, calls, order, body, mode, started, on_te
 
 
 class _AfterMarker:
-    """Passes on only what the judge writes after the FINAL ANSWER marker."""
+    """Passes on only what the judge writes after the FINAL ANSWER marker, from its first
+    non-blank character; `sent` says whether anything went out."""
 
     def __init__(self, on_text):
-        self.on_text, self.seen, self.open = on_text, "", False
+        self.on_text, self.seen, self.open, self.sent = on_text, "", False, False
 
     def __call__(self, piece: str) -> None:
         if self.on_text is None:
             return
-        if self.open:
+        if not self.open:
+            self.seen += piece
+            at = self.seen.find(MARKER)
+            if at < 0:
+                return
+            self.open, piece = True, self.seen[at + len(MARKER) :]
+        piece = piece if self.sent else piece.lstrip()
+        if piece:
+            self.sent = True
             self.on_text(piece)
-            return
-        self.seen += piece
-        at = self.seen.find(MARKER)
-        if at >= 0:
-            self.open = True
-            rest = self.seen[at + len(MARKER) :].lstrip()
-            if rest:
-                self.on_text(rest)
 
 
 def split_synthesis(text: str) -> tuple[dict, str]:

@@ -16,7 +16,14 @@ Reason = Literal["rate-limited", "auth", "refused", "http-error", "server-error"
 
 
 class FusionError(MlxtuneError):
-    """Fusion could not produce an answer (too few members answered, bad configuration)."""
+    """Fusion could not produce an answer (too few members answered, bad configuration).
+
+    `brief` says the same without member names, model ids or upstream error texts: what an
+    endpoint tells clients that may not see the members (`fusion.expose_members` off)."""
+
+    def __init__(self, message: str, brief: str | None = None):
+        super().__init__(message)
+        self.brief = message if brief is None else brief
 
 
 @dataclass

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import email.utils
 import json
+import math
 import time
 from dataclasses import dataclass
+from datetime import timezone
 from urllib.parse import urlparse
 
 from mlxtune.config import EndpointConfig
@@ -143,7 +145,7 @@ def parse_chunk(data: str) -> Chunk:
         return Chunk(done=True)
     obj = _json(data)
     choice = _first_choice(obj)
-    delta = choice.get("delta") or choice.get("message") or {}
+    delta = _object(choice.get("delta") or choice.get("message") or {}, "delta")
     content = delta.get("content") or ""
     if not isinstance(content, str):
         raise BadResponse(f"delta.content is {type(content).__name__}, not a string")
@@ -154,7 +156,7 @@ def parse_chunk(data: str) -> Chunk:
 def parse_completion(body: bytes | str) -> Chunk:
     """A whole (non-streamed) chat completion."""
     obj = _json(body)
-    message = _first_choice(obj).get("message") or {}
+    message = _object(_first_choice(obj).get("message") or {}, "message")
     content = message.get("content") or ""
     if not isinstance(content, str):
         raise BadResponse("message.content is not a string")
@@ -177,6 +179,12 @@ def _first_choice(obj: dict) -> dict:
     if not isinstance(choices, list) or (choices and not isinstance(choices[0], dict)):
         raise BadResponse("choices is not a list of objects")
     return choices[0] if choices else {}
+
+
+def _object(value, name: str) -> dict:
+    if not isinstance(value, dict):
+        raise BadResponse(f"{name} is {type(value).__name__}, not an object")
+    return value
 
 
 def _usage(obj: dict) -> dict | None:
@@ -207,21 +215,30 @@ def error_of(status: int, body: bytes) -> tuple[str, dict]:
 
 
 def retry_after(headers) -> float | None:
-    """Seconds to wait from `retry-after-ms` or `Retry-After` (seconds or an HTTP date)."""
-    ms = headers.get("retry-after-ms")
+    """Seconds to wait from `retry-after-ms` or `Retry-After` (seconds or an HTTP date), capped
+    at MAX_RETRY_AFTER_S; None when absent or unreadable (garbage means the normal backoff)."""
+    ms = _seconds(headers.get("retry-after-ms"))
     if ms is not None:
-        try:
-            return max(float(ms) / 1000.0, 0.0)
-        except ValueError:
-            pass
+        return min(max(ms / 1000.0, 0.0), MAX_RETRY_AFTER_S)
     value = headers.get("Retry-After")
-    if value is None:
-        return None
+    seconds = _seconds(value)
+    if seconds is None and value:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+            if when.tzinfo is None:  # "-0000": UTC by RFC 5322
+                when = when.replace(tzinfo=timezone.utc)
+            seconds = when.timestamp() - time.time()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+    return None if seconds is None else min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
+
+
+def _seconds(value) -> float | None:
     try:
-        return max(float(value), 0.0)
-    except ValueError:
-        when = email.utils.parsedate_to_datetime(value) if value.strip() else None
-        return None if when is None else max(when.timestamp() - time.time(), 0.0)
+        seconds = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(seconds) else seconds
 
 
 def retryable(status: int, wait: float | None) -> bool:
@@ -235,18 +252,40 @@ def tokens(usage: dict | None) -> tuple[int, int]:
     """(prompt, completion) tokens of a usage object (0 when absent)."""
     if not usage:
         return 0, 0
-    return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+    return _count(usage, "prompt_tokens"), _count(usage, "completion_tokens")
+
+
+def _count(usage: dict, key: str) -> int:
+    """A token count: a finite number or a digit string; anything else is BadResponse."""
+    value = usage.get(key)
+    if value is None:
+        return 0
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        count = int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise BadResponse(f"usage.{key} is {str(value)[:40]!r}, not a token count") from None
+    if count < 0:
+        raise BadResponse(f"usage.{key} is {count}, not a token count")
+    return count
 
 
 def cost(usage: dict | None, ep: EndpointConfig) -> tuple[float | None, str]:
     """(USD, where it came from): the provider's usage.cost, else the config's price table."""
-    if usage and isinstance(usage.get("cost"), int | float):
-        return float(usage["cost"]), "provider"
+    reported = usage.get("cost") if usage else None
+    if is_number(reported) and reported >= 0:  # anything else: the price table decides
+        return float(reported), "provider"
     if ep.input_price is None and ep.output_price is None:
         return None, "unknown"
     prompt, completion = tokens(usage)
     total = prompt * (ep.input_price or 0.0) + completion * (ep.output_price or 0.0)
     return total / 1e6, "price table"
+
+
+def is_number(value) -> bool:
+    """A finite int or float, not a bool (JSON's true is no count, NaN no cost)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def redact(text: str, secrets: list[str]) -> str:

@@ -437,15 +437,21 @@ def ask(config, prompt, overrides, mode, as_json):
 @set_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--port", default=8400, show_default=True, help="Port to listen on.")
-def serve(config, overrides, host, port):
+@click.option("--insecure-no-token", is_flag=True,
+              help="Allow a --host beyond loopback without fusion.server_token_env: anyone who "
+                   "can reach the port spends the pool's API keys.")  # fmt: skip
+def serve(config, overrides, host, port, insecure_no_token):
     """Serve the pool in CONFIG as an OpenAI-compatible endpoint (/v1/chat/completions)."""
     from aiohttp import web
 
-    from fusion.server import check_not_self, make_app, model_ids
+    from fusion.server import check_bind, check_not_self, make_app, model_ids
 
     cfg = _load(config, overrides)
+    warning = check_bind(cfg, host, insecure_no_token)
     check_not_self(cfg, host, port)
     app = make_app(cfg)
+    if warning:
+        click.echo(warning, err=True)
     click.echo(f"fusion serving http://{host}:{port}/v1 (models: {', '.join(model_ids(cfg))})")
     web.run_app(app, host=host, port=port, print=None)
 

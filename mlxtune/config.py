@@ -21,6 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from .errors import ConfigError
+from .keys import looks_like_secret
 
 
 class Invalid(ValueError):
@@ -168,6 +169,11 @@ class OutputConfig:
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
+def _names_a_variable(name: str) -> bool:
+    """A variable's name, not a pasted key (`hf_...`, `gsk_...`, long random strings)."""
+    return bool(_ENV_NAME.match(name)) and not looks_like_secret(name)
+
+
 @dataclass(frozen=True, kw_only=True)
 class EndpointConfig:
     name: str = opt("", "Label for this member in tables and traces (default: the model id)")
@@ -202,8 +208,8 @@ class EndpointConfig:
                 raise Invalid(key, "required")
         if not self.base_url.startswith(("http://", "https://")):
             raise Invalid("base_url", f"must start with http:// or https://, got {self.base_url!r}")
-        if self.api_key_env is not None and not _ENV_NAME.match(self.api_key_env):
-            # A literal key here would end up in logs and run folders: refuse it.
+        if self.api_key_env is not None and not _names_a_variable(self.api_key_env):
+            # A literal key here would end up in logs and run folders: refuse it, never echo it.
             raise Invalid("api_key_env", "must name an environment variable, not hold a key")
         _positive(self, "max_tokens", "timeout_s", "connect_timeout_s", "first_token_s")
         _positive(self, "hedge_after_s")
@@ -255,7 +261,7 @@ class FusionConfig:
         _positive(self, "max_request_kb", "max_concurrent")
         if self.quorum is not None and self.pool and self.quorum > len(self.pool):
             raise Invalid("quorum", f"{self.quorum} is more than the {len(self.pool)} members")
-        if self.server_token_env is not None and not _ENV_NAME.match(self.server_token_env):
+        if self.server_token_env is not None and not _names_a_variable(self.server_token_env):
             raise Invalid("server_token_env", "must name an environment variable, not hold a token")
         labels = [m.label for m in self.pool]
         dup = next((x for x in labels if labels.count(x) > 1), None)
@@ -304,8 +310,14 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         except yaml.YAMLError:
             value = text
         _set_dotted(raw, key, value, f"--set {key}")
-        where[key] = f"--set {key}={text}"
+        where[key] = f"--set {key}={_shown(key, text)}"
     return _build(Config, raw, "", where)
+
+
+def _shown(key: str, text: str) -> str:
+    """A `--set` value as error messages may print it: never a key pasted where a variable's
+    name belongs."""
+    return "(not shown)" if key.endswith("_env") and looks_like_secret(text.strip()) else text
 
 
 def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:

@@ -6,8 +6,8 @@
         url = p.add("judge", lambda body: Reply(...))         # computed from the request
 
 A Reply streams `text` in `chunks` SSE events (or one JSON body when the request has no
-stream), after `delay` seconds, with optional keep-alive comments, a usage object, a mid-stream
-error, malformed JSON, or a dropped connection. Every request is recorded with its headers.
+stream), after `delay` seconds, with optional keep-alive comments, a usage object (any shape), a
+mid-stream error, malformed JSON, a dropped connection, or any response headers. Every request is recorded with its headers.
 The last entry of a list repeats. `Providers.thread()` runs the same in a background thread,
 for tests that drive the real console script.
 """
@@ -40,6 +40,7 @@ class Reply:
     reset: bool = False  # close the connection without an answer
     crlf: bool = False  # CRLF line ends
     error_body: str | None = None  # for status != 200
+    headers: dict[str, str] = field(default_factory=dict)  # sent as is (a bad Retry-After, ...)
 
 
 Script = Reply | list[Reply] | Callable[[dict], Reply]
@@ -96,6 +97,7 @@ class Providers:
             return web.Response()
         if r.status != 200:
             headers = {"Retry-After": str(r.retry_after)} if r.retry_after is not None else {}
+            headers |= r.headers
             text = r.error_body or json.dumps({"error": {"code": r.status,
                                                          "message": f"scripted {r.status}"}})  # fmt: skip
             return web.Response(status=r.status, text=text, headers=headers,
@@ -114,7 +116,7 @@ class Providers:
 
     async def _stream(self, request, r: Reply, usage: dict) -> web.StreamResponse:
         end = "\r\n" if r.crlf else "\n"
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", **r.headers})
         await resp.prepare(request)
         waited = 0.0
         while waited < r.keepalive:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import socket
 import time
 
@@ -10,7 +11,8 @@ import pytest
 from _providers import Providers, Reply
 
 from fusion.client import FusionClient
-from mlxtune.config import EndpointConfig, FusionConfig
+from mlxtune.config import EndpointConfig, FusionConfig, load_config
+from mlxtune.errors import ConfigError
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -141,3 +143,41 @@ def test_the_key_comes_from_the_environment_and_never_shows(monkeypatch):
     monkeypatch.delenv("FUSION_TEST_KEY")
     c, _, seen = call(Reply("x"), api_key_env="FUSION_TEST_KEY")
     assert c.reason == "auth" and "FUSION_TEST_KEY is not set" in c.error and not seen
+
+
+@pytest.mark.parametrize("value", ["soon", "Mon, 99 Foo 2024 25:61:00 GMT", "nan"])
+def test_a_garbage_retry_after_falls_back_to_the_normal_backoff(value):
+    c, seconds, seen = call([Reply(status=429, headers={"Retry-After": value}), Reply("ok")])
+    assert c.ok and c.attempts == 2 and len(seen) == 2
+    assert 0.5 * 0.75 <= seconds < 2.0  # the first backoff step, not a wait read from the header
+
+
+def test_an_http_date_retry_after_is_honoured():
+    date = email.utils.formatdate(time.time() + 2, usegmt=True)  # whole seconds: waits 1 to 2 s
+    c, seconds, seen = call([Reply(status=503, headers={"Retry-After": date}), Reply("ok")])
+    assert c.ok and c.attempts == 2 and seconds >= 1.0
+
+
+def test_usage_counts_that_are_not_numbers_fail_that_call_typed():
+    c, _, seen = call(Reply("fine", usage={"prompt_tokens": "lots", "completion_tokens": 5}))
+    assert (c.status, c.reason, len(seen)) == ("failed", "bad-response", 1)
+    assert "usage.prompt_tokens" in c.error and c.tokens == 0
+
+
+def test_a_key_shaped_api_key_env_is_refused_and_never_shown():
+    """A key pasted where a variable's name belongs is refused by the schema, before any call,
+    and the message names the key, never the value (neither from YAML nor from --set)."""
+    shaped = "hf_AbCdEfGhIjKlMnOpQrStUvWxYz01234567"  # a valid identifier, shaped like a token
+    with pytest.raises(ConfigError) as refused:
+        load_config(
+            None, [f"fusion.pool=[{{base_url: 'http://x', model: m, api_key_env: {shaped}}}]"]
+        )
+    assert "api_key_env" in str(refused.value) and shaped not in str(refused.value)
+    with pytest.raises(ConfigError) as refused:
+        load_config(None, [f"fusion.server_token_env={shaped}"])
+    assert "(not shown)" in str(refused.value) and shaped not in str(refused.value)
+
+
+def test_a_response_aiohttp_cannot_parse_fails_that_call_typed():
+    c, _, seen = call(Reply("ok", headers={"X-Padding": "a" * 9000}))  # over aiohttp's 8190
+    assert (c.status, c.reason, len(seen)) == ("failed", "bad-response", 1)

@@ -195,3 +195,34 @@ def test_result_reports_latency_tokens_cost_and_overhead():
 ])  # fmt: skip
 def test_short_answers_are_extracted_and_normalised(text, value):
     assert extract(text) == value
+
+
+def test_one_members_bad_header_or_usage_is_its_own_failure_not_the_fusions():
+    members = {"a": Reply("It is Paris, on the Seine river."),
+               "b": [Reply(status=429, headers={"Retry-After": "soon"}), Reply(ANSWERS["a"])],
+               "c": Reply(ANSWERS["c"], usage={"prompt_tokens": "many", "completion_tokens": 1})}  # fmt: skip
+    result, _, _ = run(members, picks_paris, "best-of", quorum=2)
+    status = {c.member: (c.status, c.reason) for c in result.calls}
+    assert status == {"a": ("ok", None), "b": ("ok", None), "c": ("failed", "bad-response")}
+    assert result.answer == ANSWERS["b"]
+
+
+def judge_dies_after_the_marker(chunks: int = 12) -> Reply:
+    """A merge judge whose stream breaks once part of its final answer has gone out."""
+    at = MERGED.index("Paris") + 3
+    size = -(-len(MERGED) // chunks)
+    return Reply(MERGED, chunks=chunks, error_after=-(-at // size))
+
+
+def test_a_judge_failing_mid_answer_is_an_error_not_two_answers_glued():
+    pieces = []
+    with pytest.raises(FusionError, match="after its answer began streaming"):
+        run({n: Reply(t) for n, t in ANSWERS.items()}, judge_dies_after_the_marker(), "merge",
+            on_text=pieces.append)  # fmt: skip
+    sent = "".join(pieces)
+    assert sent and "Paris is the capital.".startswith(sent)
+    assert not any(answer in sent for answer in ANSWERS.values())
+    # Nothing streamed to anyone: the answer most members agree with, flagged, as before.
+    result, _, _ = run({n: Reply(t) for n, t in ANSWERS.items()}, judge_dies_after_the_marker(),
+                       "merge")  # fmt: skip
+    assert result.answer in ANSWERS.values() and result.fallback.startswith("judge failed: partial")

@@ -25,8 +25,10 @@ MERGED = '<analysis>{"agreements": ["4"]}</analysis>\nFINAL ANSWER:\nTwo and two
 ASK = [{"role": "user", "content": "What is 2 + 2? Explain."}]
 
 
-def write_config(folder: Path, p: Providers, **fusion) -> Path:
-    pool = [{"name": n, "base_url": p.url(n), "model": f"model-{n}"} for n in ("a", "b")]
+def write_config(folder: Path, p: Providers, member: dict | None = None, **fusion) -> Path:
+    """A merge config of members a and b (each with `member`'s extra keys) and a judge."""
+    pool = [{"name": n, "base_url": p.url(n), "model": f"model-{n}"} | (member or {})
+            for n in ("a", "b")]  # fmt: skip
     config = {"fusion": {"mode": "merge", "pool": pool,
                          "judge": {"name": "judge", "base_url": p.url("judge"), "model": "jm"},
                          **fusion}}  # fmt: skip
@@ -74,7 +76,7 @@ def test_models_and_a_plain_completion(tmp_path):
                              json={"model": "fusion", "messages": ASK}) as r:  # fmt: skip
             return models, r.status, await r.json()
 
-    models, status, body = with_server(tmp_path, test)
+    models, status, body = with_server(tmp_path, test, expose_members=True)
     assert models == ["fusion", "fusion-best-of", "fusion-merge", "fusion-debate", "fusion-self"]
     assert status == 200 and body["object"] == "chat.completion"
     assert body["choices"][0]["message"] == {"role": "assistant",

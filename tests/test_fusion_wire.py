@@ -115,3 +115,57 @@ def test_cost_from_the_provider_or_the_price_table():
 
 def test_keys_are_redacted():
     assert wire.redact("bad key sk-abc123 rejected", ["sk-abc123"]) == "bad key [redacted] rejected"
+
+
+@pytest.mark.parametrize("value", ["soon", "", "  ", "nan", "1,5", "Mon, 99 Foo 2024 25:61:00 GMT"])
+def test_a_garbage_retry_after_is_ignored_not_raised(value):
+    assert wire.retry_after({"Retry-After": value}) is None
+    assert wire.retry_after({"retry-after-ms": value, "Retry-After": "2"}) == 2.0
+
+
+def test_retry_after_dates_and_seconds_are_capped_alike():
+    later = email.utils.formatdate(time.time() + 3600, usegmt=True)
+    assert wire.retry_after({"Retry-After": later}) == wire.MAX_RETRY_AFTER_S
+    assert wire.retry_after({"Retry-After": "3600"}) == wire.MAX_RETRY_AFTER_S
+    assert wire.retry_after({"Retry-After": "inf"}) == wire.MAX_RETRY_AFTER_S
+    past = email.utils.formatdate(time.time() - 3600, usegmt=True)
+    assert wire.retry_after({"Retry-After": past}) == 0.0
+    assert wire.retry_after({"Retry-After": "-3"}) == 0.0
+    naive = "Wed, 21 Oct 2015 07:28:00 -0000"  # no zone: read as UTC, long past
+    assert wire.retry_after({"Retry-After": naive}) == 0.0
+
+
+@pytest.mark.parametrize("count", ["many", True, -1, float("nan"), float("inf"), [3], {"n": 1}])
+def test_usage_counts_that_are_not_counts_are_a_bad_response(count):
+    with pytest.raises(wire.BadResponse, match="usage.completion_tokens"):
+        wire.tokens({"prompt_tokens": 3, "completion_tokens": count})
+    assert wire.tokens({"prompt_tokens": "12", "completion_tokens": 4.0}) == (12, 4)
+
+
+def test_a_delta_or_message_that_is_not_an_object_is_a_bad_response():
+    with pytest.raises(wire.BadResponse, match="delta"):
+        wire.parse_chunk('{"choices": [{"delta": "hi"}]}')
+    with pytest.raises(wire.BadResponse, match="message"):
+        wire.parse_completion('{"choices": [{"message": ["hi"]}]}')
+
+
+@pytest.mark.parametrize("name, secret", [
+    ("OPENROUTER_API_KEY", False), ("HF_TOKEN", False), ("hf_token", False),
+    ("GROQ_API_KEY", False), ("AZURE_OPENAI_API_KEY_PRODUCTION_EASTUS2", False),
+    ("hf_cache_directory_x", False), ("FUSION_SERVER_TOKEN", False), ("K", False), ("", False),
+    ("hf_AbCdEfGhIjKlMnOpQrStUvWxYz01234567", True),
+    ("gsk_" + "a1B2" * 13, True), ("sk-or-v1-" + "0f" * 32, True), ("sk_live_4eC39HqLyjWDarjtT1zdp7dc", True),
+    ("AKIAIOSFODNN7EXAMPLE", True), ("3f9a1c0e7b2d4f6a8c0e1b3d5f7a9c2e", True),
+    ("eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.sig", True), ("abcdefghijklmnopqrstuvwxyzabcdefgh", True),
+])  # fmt: skip
+def test_key_shaped_names_are_told_from_variable_names(name, secret):
+    from mlxtune.keys import looks_like_secret
+
+    assert looks_like_secret(name) is secret
+
+
+@pytest.mark.parametrize("reported", [True, float("nan"), float("inf"), -1.0, "0.5", [1]])
+def test_a_cost_that_is_not_a_cost_gives_way_to_the_price_table(reported):
+    ep = EndpointConfig(base_url="http://h/v1", model="m", input_price=1.0, output_price=1.0)
+    usage = {"prompt_tokens": 500_000, "completion_tokens": 500_000, "cost": reported}
+    assert wire.cost(usage, ep) == (1.0, "price table")
