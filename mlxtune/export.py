@@ -6,6 +6,8 @@
 - merged: the base checkpoint folder with the adapter folded into its weights: same tensor
   names, same shards, every other file copied, so it loads wherever the base model did
   (towers of a multimodal checkpoint included). The update is added in float32 and cast back.
+  config.json carries RoPE in both layouts (`models.hf_config`), so transformers 4 and 5 and
+  mlx-lm all read the same positions from it.
 """
 
 from __future__ import annotations
@@ -119,6 +121,7 @@ def _merged(run_dir: Path, cfg: Config, tmp: Path) -> None:
     for f in src.iterdir():
         if f.is_file() and f.suffix != ".safetensors":
             shutil.copy2(f, tmp / f.name)
+    _write_config(config, src, tmp)
     updates = _updates(run_dir, cfg, list(adapters.tensor_shapes(src)))
     left = set(updates)
     for shard in sorted(src.glob("*.safetensors")):
@@ -129,6 +132,17 @@ def _merged(run_dir: Path, cfg: Config, tmp: Path) -> None:
         mx.save_safetensors(str(tmp / shard.name), tensors, metadata={"format": "pt"})
     if left:
         raise ModelError(f"{src}: no tensor {sorted(left)[0]} to merge into")
+
+
+def _write_config(config: dict, src: Path, tmp: Path) -> None:
+    """config.json with RoPE both as transformers 5 writes it (`rope_parameters`) and as
+    transformers 4 and mlx-lm read it (`rope_theta`, `rope_scaling`, ...), the same settings."""
+    from .models import hf_config
+
+    both = hf_config.normalize(config, str(src), strict=False)
+    if both != config:
+        text = json.dumps(both, indent=2, ensure_ascii=False) + "\n"
+        (tmp / "config.json").write_text(text, encoding="utf-8")
 
 
 def _updates(run_dir: Path, cfg: Config, names: list[str]) -> dict:

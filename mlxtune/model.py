@@ -1,7 +1,10 @@
 """Load an mlx-lm text model for training, and the pieces the trainer needs around it.
 
-- `load()`: mlx-lm's loader (any text model it knows), the compute dtype, optional 4/8-bit
-  quantization of the frozen base (QLoRA), and the tokenizer's stop ids.
+- `load()`: mlx-lm's loader (any text model it knows) on the config as `models.hf_config`
+  normalizes it (RoPE settings transformers 5 saves only as `rope_parameters`), the compute
+  dtype, optional 4/8-bit quantization of the frozen base (QLoRA), and the tokenizer's stop ids.
+  Gemma 4 gets its towers back (`models.gemma4.wrap`); one it cannot load is left out, and a
+  line on stderr says so (`Loaded.notes`).
 - `PackedAttention`: stands where a KV cache would. mlx-lm models build their attention masks
   from `cache.make_mask()`, so passing one per layer makes every layer attend only inside its
   packed example, with no change to the model code. Positions are not restarted: RoPE is
@@ -16,8 +19,9 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +46,7 @@ class Loaded:
     config: dict
     path: Path  # the local folder the weights came from
     stop_ids: frozenset[int]
+    notes: list[str] = field(default_factory=list)  # what the load left out, said on stderr
 
     @property
     def model_type(self) -> str:
@@ -56,15 +61,18 @@ class Loaded:
 
 def load(cfg: ModelConfig) -> Loaded:
     from mlx_lm.utils import load as mlx_lm_load
-    from mlx_lm.utils import quantize_model
+    from mlx_lm.utils import load_config, quantize_model
 
-    from .models import gemma4
+    from .models import gemma4, hf_config
 
     path = resolve_path(cfg.path)
     if _model_type(path) == "gemma3n":  # mlx-lm cannot load it (see models/gemma3n.py)
         return _load_gemma3n(cfg, path)
     try:
-        model, wrapper, config = mlx_lm_load(str(path), return_config=True)
+        # transformers 5's rope_parameters, which mlx-lm does not read, also as the legacy keys
+        raw = load_config(path)
+        fixed = hf_config.changed_keys(raw, hf_config.normalize(raw, f"model.path: {path}"))
+        model, wrapper, config = mlx_lm_load(str(path), model_config=fixed, return_config=True)
     except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
         reason = str(e).splitlines()[0]
         raise ModelError(f"model.path: {path}: mlx-lm cannot load this model: {reason}") from None
@@ -73,11 +81,15 @@ def load(cfg: ModelConfig) -> Loaded:
         if "quantization" in config:
             raise ModelError(f"model.quantize: {path} is already quantized; set it to null")
         model, config = quantize_model(model, config, QUANT_GROUP_SIZE, cfg.quantize)
+    notes = []
     if gemma4.is_multimodal(config):  # the towers stay unquantized, in the compute dtype
-        model = gemma4.wrap(model, config, path)
+        model, config, skipped = gemma4.wrap(model, config, path)
+        notes += [skipped] if skipped else []
     mx.eval(model.parameters())
     stop_ids = frozenset(int(i) for i in wrapper.eos_token_ids)
-    return Loaded(model, wrapper._tokenizer, wrapper, config, path, stop_ids)
+    for note in notes:  # every command loads here: train, eval and generate all say it
+        print(note, file=sys.stderr, flush=True)
+    return Loaded(model, wrapper._tokenizer, wrapper, config, path, stop_ids, notes)
 
 
 def _model_type(path: Path) -> str:

@@ -39,9 +39,10 @@ def tower_weights(folder: Path) -> dict[str, mx.array]:
     return checkpoint_tensors(folder, lambda name: name.split(".", 1)[0] in TOWERS)
 
 
-def load_towers(model: nn.Module, weights: dict[str, mx.array], folder: Path, dtype) -> None:
-    """Each tower / embedder of `model` from `weights` (strictly), cast to `dtype`."""
-    for name in TOWERS:
+def load_towers(model: nn.Module, weights: dict[str, mx.array], folder: Path, dtype,
+                names: tuple[str, ...] = TOWERS) -> None:  # fmt: skip
+    """Each tower / embedder of `model` in `names` from `weights` (strictly), cast to `dtype`."""
+    for name in names:
         if name not in model:
             continue
         items = [(k[len(name) + 1 :], v) for k, v in weights.items() if k.startswith(name + ".")]
@@ -49,8 +50,16 @@ def load_towers(model: nn.Module, weights: dict[str, mx.array], folder: Path, dt
         try:
             module.load_weights(to_mlx_layout(module, items), strict=True)
         except ValueError as e:
-            raise ModelError(f"{folder}: {name} weights do not fit: {e}") from None
+            raise ModelError(f"{folder}: {name} weights do not fit: {_one_line(e)}") from None
         module.apply(lambda a: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a)
+
+
+def _one_line(e: Exception) -> str:
+    """MLX lists every missing or extra parameter, one a line: the count and the first."""
+    lines = [line.strip().rstrip(",") for line in str(e).splitlines() if line.strip()]
+    if len(lines) < 2:
+        return str(e)
+    return f"{lines[0]} {lines[1]}" + (", ..." if len(lines) > 2 else "")
 
 
 def to_mlx_layout(module: nn.Module, items: list[tuple[str, mx.array]]):

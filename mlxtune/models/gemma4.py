@@ -1,8 +1,10 @@
 """Gemma 4 with its vision and audio towers: our towers around mlx-lm's text decoder.
 
 mlx-lm loads the text decoder and drops the towers; `wrap()` puts them back, with the weights
-read from the checkpoint under their Hugging Face names. A forward pass does what transformers'
-`Gemma4Model.forward` does:
+read from the checkpoint under their Hugging Face names. A tower it cannot load (no config
+section, no weights, quantized or misfitting weights) is left out, said in one line: the model
+then trains on text (and the other tower's media), and rows needing it are refused as data
+errors. A forward pass does what transformers' `Gemma4Model.forward` does:
 
 1. Image and audio placeholder ids become the pad id for the token embedding and for the
    per-layer embeddings (PLE).
@@ -25,6 +27,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..data.media import MediaTokens
+from ..errors import ModelError
 from ._layers import Embedder
 from ._towers import SoftTokenCache, frozen_or_not, load_towers, to_mlx_layout, tower_weights
 from .gemma4_audio import AudioArgs, AudioTower
@@ -32,11 +35,12 @@ from .gemma4_vision import VisionArgs, VisionTower
 
 __all__ = ["Gemma4", "SoftTokenCache", "is_multimodal", "wrap"]
 
+TOWER_KINDS = {"vision": ("vision_tower", "embed_vision"), "audio": ("audio_tower", "embed_audio")}
+
 
 def is_multimodal(config: dict) -> bool:
-    return config.get("model_type") == "gemma4" and bool(
-        config.get("vision_config") or config.get("audio_config")
-    )
+    """A Gemma 4 checkpoint of the multimodal family (its towers may still be absent)."""
+    return config.get("model_type") == "gemma4"
 
 
 class Gemma4(nn.Module):
@@ -183,13 +187,55 @@ class VisionBlocks:
         return base | same
 
 
-def wrap(text_model: nn.Module, config: dict, folder: Path) -> Gemma4:
-    """mlx-lm's loaded gemma4 model + the towers and embedders from the checkpoint in `folder`."""
-    model = Gemma4(text_model.language_model, config)
-    # the compute dtype, even for a quantized decoder
-    load_towers(model, tower_weights(Path(folder)), Path(folder), model.decoder.norm.weight.dtype)
+def wrap(text_model: nn.Module, config: dict, folder: Path) -> tuple[Gemma4, dict, str | None]:
+    """mlx-lm's loaded gemma4 model + the towers and embedders from the checkpoint in `folder`.
+
+    A tower that cannot be loaded (no config, no weights, quantized or misfitting weights) is
+    left out rather than failing the load: the text model trains as it is. Returns the model,
+    the config without the skipped towers' sections (so the media plan refuses their rows),
+    and the line that says what was skipped (None when nothing was)."""
+    folder = Path(folder)
+    weights = tower_weights(folder)
+    skipped = {kind: why for kind in TOWER_KINDS if (why := _unloadable(kind, config, weights))}
+    kept = {k: v for k, v in config.items() if k not in {f"{t}_config" for t in skipped}}
+    model = Gemma4(text_model.language_model, kept)
+    dtype = model.decoder.norm.weight.dtype  # the compute dtype, even for a quantized decoder
+    for kind, names in TOWER_KINDS.items():
+        if kind in skipped:
+            continue
+        try:
+            load_towers(model, weights, folder, dtype, names)
+        except ModelError as e:
+            skipped[kind] = str(e).removeprefix(f"{folder}: ")  # "<name> weights do not fit: ..."
+            kept.pop(f"{kind}_config")
+            for name in names:
+                delattr(model, name)
     mx.eval(model.parameters())
-    return model
+    return model, kept, _skipped_line(skipped)
+
+
+def _unloadable(kind: str, config: dict, weights: dict[str, mx.array]) -> str | None:
+    """Why the checkpoint's `kind` tower cannot be loaded as it is, or None."""
+    if not config.get(f"{kind}_config"):
+        return f"config.json has no {kind}_config"
+    for name in TOWER_KINDS[kind]:
+        mine = [k for k in weights if k.startswith(name + ".")]
+        if not mine:
+            return f"the checkpoint has no {name} weights"
+        packed = [k for k in mine if k.endswith(".scales") or weights[k].dtype == mx.uint32]
+        if packed:
+            return f"its weights are quantized ({min(packed)}), which the towers do not load"
+    return None
+
+
+def _skipped_line(skipped: dict[str, str]) -> str | None:
+    if not skipped:
+        return None
+    parts = [f"{kind} tower skipped: {skipped[kind]}" for kind in TOWER_KINDS if kind in skipped]
+    left = {"vision": "images", "audio": "audio"}
+    rest = [left[k] for k in TOWER_KINDS if k not in skipped]
+    what = " and ".join(["text", *rest]) if rest else "text only"
+    return f"model: Gemma 4 {'; '.join(parts)}; training on {what}"
 
 
 _to_mlx_layout = to_mlx_layout  # the name the tower tests import
