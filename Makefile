@@ -54,6 +54,7 @@ bench:
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(PRELOAD) $(BIN)/python benchmarks/bench_blas.py
 	$(PRELOAD) $(BIN)/python benchmarks/bench_packing.py
+	$(BIN)/python benchmarks/bench_resample.py
 	$(PRELOAD) $(BIN)/python benchmarks/bench_loss.py
 	$(PRELOAD) $(BIN)/python benchmarks/bench_text_lora.py --rows 48
 	$(PRELOAD) $(BIN)/python benchmarks/bench_multimodal.py --rows 96

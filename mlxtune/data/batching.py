@@ -24,6 +24,7 @@ from .media import (
     MediaItem,
     MediaPlan,
     USMAudioSpec,
+    open_image,
     pool_index,
 )
 from .rows import Row
@@ -72,11 +73,15 @@ def prepare(
     media: MediaPlan | None = None,
 ) -> Dataset:
     """Encode rows; rows over `max_seq_len` are truncated (never through an image or a clip) or
-    skipped, and counted."""
+    skipped, and counted. Every picture is decoded once here (counting its tokens reads only its
+    header), so a broken file stops the run before it starts, not mid-training."""
     stats = DataStats(rows=len(rows))
     examples = []
     for row in rows:
         ex = encode(row, tokenizer, loss_on, stop_ids, media)
+        for item in ex.media:
+            if item.kind == "image":
+                open_image(item.path, item.where)
         if len(ex) > max_seq_len:
             if overlong == "skip":
                 stats.skipped += 1
@@ -121,20 +126,35 @@ def plan_epoch(
 
 
 def _first_fit(lengths: np.ndarray, order: np.ndarray, capacity: int) -> list[list[int]]:
-    """First-fit decreasing: `order` is longest first; each example goes in the first row with
-    room (a linear scan: fast enough for the row counts of a fine-tuning set)."""
+    """First fit: each example in `order` (longest first, for first-fit decreasing) goes in the
+    first row with room for it, or opens a new row. A max-tree over the rows' free room finds
+    that row in O(log n) steps (a linear scan took an hour per epoch at 1M examples)."""
+    order = np.asarray(order).tolist()
+    sizes = np.asarray(lengths)[order].tolist() if order else []
+    leaves = 1 << max(len(order) - 1, 0).bit_length()  # at most one row per example
+    room = [-(1 << 62)] * (2 * leaves)  # node k: the most room under it; rows not opened: none
     rows: list[list[int]] = []
-    free: list[int] = []
-    for i in order:
-        n = int(lengths[i])
-        for r, room in enumerate(free):
-            if n <= room:
-                rows[r].append(int(i))
-                free[r] -= n
-                break
+    for i, n in zip(order, sizes, strict=True):
+        if room[1] >= n:  # some row has room: go down to the leftmost one
+            k = 1
+            while k < leaves:
+                k <<= 1
+                if room[k] < n:
+                    k += 1
+            rows[k - leaves].append(i)
+            room[k] -= n
         else:
-            rows.append([int(i)])
-            free.append(capacity - n)
+            k = leaves + len(rows)
+            rows.append([i])
+            room[k] = capacity - n
+        k >>= 1
+        while k:  # up to the root, until a node's maximum no longer changes
+            left, right = room[2 * k], room[2 * k + 1]
+            most = left if left >= right else right
+            if room[k] == most:
+                break
+            room[k] = most
+            k >>= 1
     return rows
 
 

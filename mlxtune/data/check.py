@@ -4,8 +4,9 @@ counted, without loading model weights or any ML framework.
 With a model (`model.path` from a config, `--set` or `--model`), rows are encoded exactly as
 training encodes them: its tokenizer and chat template, its media plan (soft tokens per picture
 and clip), `data.loss_on`; lengths are checked against `data.max_seq_len` and packing is
-simulated with the trainer's own first-fit packer. Without one, the schema and the media files
-are still checked (every picture and clip is decoded).
+simulated with the trainer's own first-fit packer. With or without one, every picture and clip
+is decoded (unless `decode=False`: then encoding reads only the pictures' headers); a file that
+cannot be, an image past pillow's decompression-bomb limit included, is one problem line.
 """
 
 from __future__ import annotations
@@ -75,9 +76,11 @@ PROGRESS_EVERY = 1000  # rows between progress calls: decoding media can take mi
 
 
 def check(path: str | Path, cfg: Config, model: Tokenizing | None,
-          progress: Callable[[int], None] | None = None) -> Report:  # fmt: skip
+          progress: Callable[[int], None] | None = None,
+          decode: bool = True) -> Report:  # fmt: skip
     """Every row: schema, roles, media decode, and with a model its encoded length.
-    `progress(rows so far)` is called every PROGRESS_EVERY rows."""
+    `progress(rows so far)` is called every PROGRESS_EVERY rows. `decode=False` (for counting
+    only) skips decoding the pictures, whose tokens need only their headers."""
     report = Report(Path(path))
     d = cfg.data
     for n, item in enumerate(scan_rows(path), start=1):
@@ -88,9 +91,9 @@ def check(path: str | Path, cfg: Config, model: Tokenizing | None,
             report.bad_rows += 1
             continue
         try:
-            if model is None:
-                _decode_media(item)
-            else:
+            if decode:
+                _decode_media(item, clips=model is None)  # with a model, encoding reads clips
+            if model is not None:
                 ex = encode(item, model.tokenizer, d.loss_on, model.stop_ids, model.media)
                 if not ex.loss[1:].any():
                     raise DataError(f"{item.where}: no token carries loss (data.loss_on: "
@@ -113,12 +116,12 @@ def check(path: str | Path, cfg: Config, model: Tokenizing | None,
     return report
 
 
-def _decode_media(row: Row) -> None:
+def _decode_media(row: Row, clips: bool = True) -> None:
     for where, kind, file in row.media:
         at = f"{row.where}: {where}"
         if kind == "image":
             open_image(file, at)
-        else:
+        elif clips:
             read_audio(file, at, AudioSpec())
 
 

@@ -40,10 +40,10 @@ class FixedImageSpec:
     tokens: int = 256
 
     def count(self, path: str | Path, where: str) -> tuple[int, int]:
-        """(placeholders, tower rows) of the image at `path`, after checking it opens."""
-        from .media import open_image
+        """(placeholders, tower rows) of the image at `path`, after reading its header."""
+        from .media import image_size
 
-        open_image(path, where)
+        image_size(path, where)
         return self.tokens, self.tokens
 
     def arrays(self, path: str | Path, where: str) -> tuple[np.ndarray]:

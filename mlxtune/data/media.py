@@ -1,5 +1,5 @@
 """Images and audio for multimodal rows: read, check, and turn into model inputs. Framework-free
-(numpy, pillow, soundfile).
+(numpy, pillow, soundfile, soxr).
 
 Gemma 4's processing, as transformers does it (`image_processing_pil_gemma4.py`,
 `feature_extraction_gemma4.py`, `processing_gemma4.py`), with the numbers from the checkpoint's
@@ -9,19 +9,27 @@ Gemma 4's processing, as transformers does it (`image_processing_pil_gemma4.py`,
   whose sides are multiples of pooling x patch (48 px) and whose 16 px patches fit
   `9 x max_soft_tokens`; cut into patches in row-major order. Each 3 x 3 block of patches becomes
   one soft token. Pixels stay uint8 here; the model rescales them.
-- Audio: any rate and channel count to 16 kHz mono; log-mel features over 20 ms frames every 10 ms
+- Audio: any rate and channel count to 16 kHz mono (averaged channels, soxr's HQ resampler, as
+  transformers' `load_audio` and `librosa.load` do); log-mel features over 20 ms frames every 10 ms
   (periodic Hann, 512-point FFT, 128 HTK mel bins from 0 to 8 kHz, log(mel + 0.001)) with a
   semicausal left pad; a frame is valid while its whole window holds real audio. The placeholder
   count is that of the audio tower's output: the valid frames through two stride-2 convolutions.
 
-Every problem raises `DataError` with the place it came from (`file:line: field: ...`).
+Every problem raises `DataError` with the place it came from (`file:line: field: ...`), an image
+past pillow's decompression-bomb limit included. Counting an image's soft tokens reads its
+header only; `open_image` decodes it.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
+import struct
+import warnings
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
@@ -48,9 +56,8 @@ class ImageSpec:
         return self.patch_size * self.pooling_kernel_size
 
     def count(self, path: str | Path, where: str) -> tuple[int, int]:
-        """(placeholders, tower rows) of the image at `path`."""
-        img = open_image(path, where)
-        tokens = image_tokens(img.height, img.width, self)
+        """(placeholders, tower rows) of the image at `path`, from its header."""
+        tokens = image_tokens(*image_size(path, where), self)
         return tokens, tokens
 
     def arrays(self, path: str | Path, where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -213,22 +220,76 @@ def _known(cls, values: dict) -> dict:
 
 def open_image(path: str | Path, where: str):
     """A fully decoded RGB PIL image, upright per its EXIF orientation."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import ImageOps
+
+    with _pillow(path, where) as img:
+        img.load()  # decode everything now: a truncated file fails here, not mid-training
+        return ImageOps.exif_transpose(img).convert("RGB")
+
+
+def image_size(path: str | Path, where: str) -> tuple[int, int]:
+    """(height, width) of the image as `open_image` gives it (EXIF orientation applied), from the
+    file's header: no pixel is decoded."""
+    from PIL import ExifTags, Image
+
+    with _pillow(path, where) as img:
+        if img.format == "PNG" and _png_text_after_pixels(Path(path)):
+            img.load()  # pillow reads those chunks (which may hold the orientation) only then
+        # Image's own getexif: a PNG's would decode the pixels when it has no EXIF up front.
+        turned = Image.Image.getexif(img).get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
+        # A TIFF's stored size: newer pillows report it turned already (and turn it on load).
+        width, height = (img.tag_v2[256], img.tag_v2[257]) if img.format == "TIFF" else img.size
+        return (width, height) if turned else (height, width)
+
+
+@contextmanager
+def _pillow(path: str | Path, where: str) -> Iterator:
+    """The image at `path` opened by pillow (header read, pixels not yet); a file that is not an
+    image, too large, or broken anywhere (here or while the block decodes it) is a DataError."""
+    from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{where}: file not found: {path}")
     try:
-        with Image.open(path) as img:
-            img.load()  # decode everything now: a truncated file fails here, not mid-training
-            upright = ImageOps.exif_transpose(img)
-            return upright.convert("RGB")
+        with warnings.catch_warnings():
+            # pillow only warns from MAX_IMAGE_PIXELS to twice that; such a picture is refused too
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                yield img
     except UnidentifiedImageError:
         raise DataError(
             f"{where}: {path}: not an image file (or not a format pillow reads)"
         ) from None
-    except (OSError, ValueError, SyntaxError) as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        size = re.search(r"\((\d+) pixels\)", str(e))  # the size is only in pillow's message
+        size = f"{int(size[1]):,} pixels" if size else _first_line(e)
+        limit = f"{Image.MAX_IMAGE_PIXELS:,} (PIL.Image.MAX_IMAGE_PIXELS)"
+        raise DataError(
+            f"{where}: {path}: {size}, over pillow's decompression-bomb limit of {limit}"
+        ) from None
+    except DataError:
+        raise
+    except Exception as e:  # a broken file fails in many ways: OSError, EOFError, struct.error...
         raise DataError(f"{where}: {path}: cannot decode the image ({_first_line(e)})") from None
+
+
+def _png_text_after_pixels(path: Path) -> bool:
+    """Whether a PNG has metadata chunks (EXIF, text, XMP) after its pixel data, by walking the
+    chunk headers without reading the data."""
+    with path.open("rb") as f:
+        f.seek(8)  # the signature
+        pixels = False
+        while len(head := f.read(8)) == 8:
+            length, kind = struct.unpack(">I4s", head)
+            if kind == b"IEND":
+                break
+            if kind in (b"IDAT", b"fdAT"):
+                pixels = True
+            elif pixels and kind in (b"eXIf", b"tEXt", b"zTXt", b"iTXt"):
+                return True
+            f.seek(length + 4, 1)  # the data and its CRC
+    return False
 
 
 def target_size(height: int, width: int, spec: ImageSpec) -> tuple[int, int]:
@@ -313,25 +374,16 @@ def read_audio(path: str | Path, where: str, spec: AudioSpec) -> np.ndarray:
 
 
 def resample(x: np.ndarray, rate: int, target: int) -> np.ndarray:
-    """Band-limited resampling through the FFT. The clip is zero-padded first, so its end does
-    not wrap around onto its start; the output has round(len * target / rate) samples."""
+    """float32 samples at `target` Hz: soxr's HQ filter, trimmed or zero-padded to
+    ceil(len * target / rate) samples, which is what transformers' `load_audio` (and
+    `librosa.load`) give. benchmarks/bench_resample.py measures it."""
     if rate == target:
         return x.astype(np.float32, copy=False)
-    n = len(x)
-    out_len = max(int(round(n * target / rate)), 1)
-    pad = int(math.ceil(0.05 * rate))  # 50 ms of silence on each side absorbs the wrap-around
-    padded = np.pad(x.astype(np.float64), (pad, pad))
-    total = len(padded)
-    total_out = int(round(total * target / rate))
-    spectrum = np.fft.rfft(padded)
-    keep = min(len(spectrum), total_out // 2 + 1)
-    resized = np.zeros(total_out // 2 + 1, dtype=np.complex128)
-    resized[:keep] = spectrum[:keep]
-    if total_out % 2 == 0 and keep == total_out // 2 + 1 and total_out < total:
-        resized[-1] = resized[-1].real  # the Nyquist bin of a shorter signal must be real
-    y = np.fft.irfft(resized, n=total_out) * (total_out / total)
-    start = int(round(pad * target / rate))
-    return y[start : start + out_len].astype(np.float32)
+    import soxr
+
+    n = math.ceil(len(x) * target / rate)
+    y = soxr.resample(np.ascontiguousarray(x, dtype=np.float32), rate, target, quality="soxr_hq")
+    return np.pad(y, (0, max(0, n - len(y))))[:n].astype(np.float32, copy=False)
 
 
 @lru_cache(maxsize=4)
