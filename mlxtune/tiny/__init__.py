@@ -4,6 +4,7 @@
 `config.json`, `model.safetensors`, the tokenizer files (a small BPE vocab holding the family's
 real special tokens and chat template) and, for multimodal families, the processor configs.
 Each family lives in a module named after its `model_type`; `ARCHS` is derived from the files.
+`real` is not a family: `python -m mlxtune.tiny.real` writes a real trained model (SmolLM2-135M).
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
+NOT_FAMILIES = ("real",)
 ARCHS = tuple(
-    sorted(p.stem for p in Path(__file__).parent.glob("*.py") if not p.stem.startswith("_"))
-)
+    sorted(p.stem for p in Path(__file__).parent.glob("*.py")
+           if not p.stem.startswith("_") and p.stem not in NOT_FAMILIES)
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
