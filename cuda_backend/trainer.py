@@ -25,6 +25,7 @@ from mlxtune import adapters
 from mlxtune.config import Config, TrainConfig
 from mlxtune.data.batching import (
     Batch,
+    Batching,
     DataOf,
     Dataset,
     Stream,
@@ -102,7 +103,7 @@ def setup(cfg: Config, adapter: str | Path | None = None) -> Engine:
                 k for k in adapters.tensor_shapes(loaded.path) if k.startswith(loaded.prefix)
             ]
             hf_names |= adapters.match_names(list(_full_params(loaded.model)), tensors)
-    if cfg.train.grad_checkpoint:
+    if cfg.train.grad_checkpoint is True:  # "auto" is decided before training (settle)
         loaded.model.gradient_checkpointing_enable({"use_reentrant": False})
         for store in loaded.stores:
             store.replay = True
@@ -154,9 +155,10 @@ def _full_params(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: p for k, p in lora.trainable(model).items() if not k.endswith(leaves)}
 
 
-def check_fits(cfg: Config) -> None:
+def check_fits(cfg: Config) -> tuple[Config, str | None]:
     """Refuse, before anything loads, a run that `mlxtune plan` says will not fit this machine
-    (its GPU, or on a CPU its RAM) in any phase: preparing, loading or training."""
+    (its GPU, or on a CPU its RAM) in any phase: preparing, loading or training. Returns `cfg`
+    with train.grad_checkpoint `auto` decided by the same plan, and the line saying so."""
     from mlxtune import env, plan
 
     total, available = env.memory_bytes()
@@ -166,13 +168,18 @@ def check_fits(cfg: Config) -> None:
     if not on_cpu:
         fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(0)
         gpu = torch.cuda.get_device_properties(0).total_memory * fraction / plan.GIB
+    host_gb = host / plan.GIB if host else None
+    if cfg.train.memory_gb is not None:  # the user's budget for the step, on the GPU or the CPU
+        gpu, host_gb = (gpu, cfg.train.memory_gb) if on_cpu else (cfg.train.memory_gb, host_gb)
+    cfg, why = plan.settle(cfg, gpu, host_gb, on_cpu)
     try:
-        p = plan.plan(cfg, gpu, host / plan.GIB if host else None, on_cpu=on_cpu)
+        p = plan.plan(cfg, gpu, host_gb, on_cpu=on_cpu)
     except (KeyError, TypeError, ValueError):  # a config the planner has no formula for
-        return
+        return cfg, why
     if not p.fits:
         reasons = "; ".join(x.strip() for x in p.verdict().splitlines() if "fit" in x)
         raise ConfigError(f"plan: {reasons} (mlxtune plan CONFIG shows each part)")
+    return cfg, why
 
 
 def batch_loss(engine: Engine, inputs, positions, gather, targets, weights, media, grad=True):
@@ -229,7 +236,7 @@ def evaluate(engine: Engine, data: Dataset, max_batches: int | None = None) -> d
     was_training = model.training
     model.eval()
     total, tokens = 0.0, 0
-    batches = ordered_batches(data, cfg.train.batch_size, cfg.data.max_seq_len, cfg.data.packing)
+    batches = ordered_batches(data, Batching.of(cfg))
     with torch.no_grad():
         for batch in batches[:max_batches]:
             total += float(batch_loss(engine, *device_arrays(engine, batch, GATHER_MULTIPLE),
@@ -246,7 +253,9 @@ def train(cfg: Config, resume: bool = False, echo: Callable[[str], None] | None 
     if not cfg.data.train:
         raise ConfigError("data.train: not set")
     say = echo or (lambda line: print(line, flush=True))
-    check_fits(cfg)
+    cfg, checkpointing = check_fits(cfg)
+    if checkpointing:
+        say(f"note: {checkpointing}")
     if uses_cache(cfg.model):  # the one-time copy, with its progress, before loading
         prepare.prepare(cfg.model, say)
     engine = setup(cfg)
@@ -259,7 +268,7 @@ def train(cfg: Config, resume: bool = False, echo: Callable[[str], None] | None 
     if not resume:
         with atomic_folder(run_dir, replace=True) as tmp:
             (tmp / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
-    stream = Stream(train_data, t.batch_size, cfg.data.max_seq_len, cfg.data.packing, t.seed)
+    stream = Stream(train_data, Batching.of(cfg), t.seed)
     total = total_steps(t, len(stream.plan(0)))
     params = list(lora.trainable(model).values())
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
@@ -275,7 +284,9 @@ def train(cfg: Config, resume: bool = False, echo: Callable[[str], None] | None 
         f"{len(engine.adapted)} modules) on {engine.loaded.device}, {total} steps"
         + ("" if engine.split else "; loss on full logits"))  # fmt: skip
     reporter = Reporter(run_dir / METRICS, total, say)
-    offload = t.offload_checkpoints and t.grad_checkpoint and engine.loaded.device.type == "cuda"
+    offload = (
+        t.offload_checkpoints and t.grad_checkpoint is True and engine.loaded.device.type == "cuda"
+    )
     width, arena = model.config.get_text_config().hidden_size, assemble.HostArena(pin=offload)
     for store in engine.loaded.stores if offload else ():
         store.arena = arena

@@ -72,7 +72,11 @@ class DataConfig:
     train: str | None = opt(None, "Training JSONL (messages | prompt/completion | text rows)")
     valid: str | None = opt(None, "Validation JSONL; empty disables validation")
     max_seq_len: int = opt(2048, "Longest row in tokens, packed or not")
-    packing: bool = opt(True, "Pack several examples per row, attention kept inside each")
+    packing: bool = opt(
+        False,
+        "Pack several examples per row (a mask keeps attention inside each); off, each example "
+        "is a row, rows of similar length share a micro-batch and attention needs no mask",
+    )
     loss_on: Literal["assistant", "last_assistant", "all"] = opt(
         "assistant", "Tokens that carry loss: every assistant turn, only the last, or all"
     )
@@ -124,14 +128,32 @@ class LoRAConfig:
 class TrainConfig:
     iters: int | None = opt(None, "Optimizer steps; set this or epochs")
     epochs: float | None = opt(None, "Passes over the data; iters and epochs both null = 1 epoch")
-    batch_size: int = opt(4, "Rows per micro-batch")
+    batch_size: int | None = opt(
+        None, "Rows per micro-batch at most; null = as many as train.batch_tokens holds"
+    )
+    batch_tokens: int | None = opt(
+        4096,
+        "Token budget of a micro-batch, padding included (rows x padded length; a single row "
+        "may be longer): what sizes steps and bounds their memory whatever the row lengths. "
+        "Rows of similar length share a batch, so short rows come many to a batch; "
+        "null = train.batch_size rows",
+    )
     grad_accum: int = opt(1, "Micro-batches per optimizer step")
     learning_rate: float = opt(1e-4, "Peak learning rate (AdamW)")
     lr_schedule: Literal["cosine", "linear", "constant"] = opt("cosine", "Decay after warmup")
     warmup_steps: int = opt(0, "Linear warmup steps")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     max_grad_norm: float | None = opt(1.0, "Clip the global gradient norm; null disables")
-    grad_checkpoint: bool = opt(False, "Recompute layer activations in backward to save memory")
+    grad_checkpoint: Literal["auto", True, False] = opt(
+        "auto",
+        "Recompute layer activations in backward to save memory; auto = on when the memory plan "
+        "says a step would not fit this machine's memory otherwise",
+    )
+    memory_gb: float | None = opt(
+        None,
+        "Memory a step may plan for (grad_checkpoint auto decides against it); null = this "
+        "machine's (a Mac's GPU working set, else its RAM; the GPU's with cuda)",
+    )
     seed: int = opt(0, "Seed for weights init, data order and dropout")
     eval_every: int = opt(100, "Validate every N steps; 0 = only at the end")
     save_every: int = opt(100, "Checkpoint every N steps; 0 = only at the end")
@@ -150,7 +172,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.iters is not None and self.epochs is not None:
             raise Invalid("epochs", "set train.iters or train.epochs, not both")
-        _positive(self, "iters", "epochs", "batch_size", "grad_accum", "learning_rate")
+        _positive(self, "iters", "epochs", "batch_size", "batch_tokens", "grad_accum")
+        _positive(self, "learning_rate", "memory_gb")
+        if self.batch_size is None and self.batch_tokens is None:
+            raise Invalid("batch_tokens", "set train.batch_tokens or train.batch_size (or both)")
         _positive(self, "report_every", "max_grad_norm", "eval_batches")
         _positive(self, "ce_chunk_tokens", "media_cache_gb", allow_zero=True)
         _positive(self, "warmup_steps", "weight_decay", "eval_every", "save_every", allow_zero=True)

@@ -26,6 +26,7 @@ from . import model as model_lib
 from .config import Config, TrainConfig
 from .data.batching import (
     Batch,
+    Batching,
     DataOf,
     Dataset,
     Stream,
@@ -51,7 +52,7 @@ class Engine(DataOf):
     adapted: list[str]  # MLX module paths that carry LoRA (or whole blocks, for `full`)
     hf_names: dict[str, str]  # MLX module path -> the checkpoint's module name
     split: model_lib.Split | None
-    masked: bool = True  # the model takes the packed-attention mask (see packs_exactly)
+    masked: bool = True  # attention takes the segment mask (packed rows; see packs_exactly)
     notes: list[str] = field(default_factory=list)  # told to the user before training
     soft: object = None  # a multimodal model's SoftTokenCache (frozen towers' outputs)
 
@@ -77,6 +78,17 @@ class Engine(DataOf):
             adapters.save(folder, self.adapter())
 
 
+def settle_checkpointing(cfg: Config) -> tuple[Config, str | None]:
+    """train.grad_checkpoint `auto` decided by the memory plan against train.memory_gb, or this
+    machine's memory (a Mac's GPU working set, else its RAM)."""
+    from . import env, plan
+
+    if cfg.train.memory_gb is not None:
+        return plan.settle(cfg, cfg.train.memory_gb)
+    size = mx.device_info().get("max_recommended_working_set_size") or env.memory_bytes()[0]
+    return plan.settle(cfg, size / plan.GIB if size else None)
+
+
 def setup(cfg: Config, adapter: str | Path | None = None) -> Engine:
     """Load the model and adapt it: fresh LoRA layers from cfg.lora, or a saved adapter."""
     loaded = model_lib.load(cfg.model)
@@ -94,7 +106,7 @@ def setup(cfg: Config, adapter: str | Path | None = None) -> Engine:
             lora_leaves = {f"{p}.{leaf}" for p in adapted for leaf in ("lora_a", "lora_b", "m")}
             trained = [k for k in lora.trainable(loaded.model) if k not in lora_leaves]
             hf_names |= adapters.match_names(trained, tensors)
-    if cfg.train.grad_checkpoint:
+    if cfg.train.grad_checkpoint is True:  # "auto" is decided before training (settle)
         model_lib.checkpoint_layers(loaded.model)
     chunked = cfg.train.ce_chunk_tokens and cfg.lora.method != "full"
     split = model_lib.split_head(loaded.model) if chunked else None
@@ -102,6 +114,11 @@ def setup(cfg: Config, adapter: str | Path | None = None) -> Engine:
     if cfg.data.packing and not masked:
         cfg = replace(cfg, data=replace(cfg.data, packing=False))
         notes.append("packing off: packed examples do not match them run alone for this model")
+    # One example per row needs no mask array: causal attention never lets a real token see
+    # the padding after it, and the attention runs on its fused path. A model that opens image
+    # blocks both ways (Gemma 4) still takes the mask, which carries the blocks.
+    opens_images = getattr(loaded.model, "bidirectional", False)
+    masked = masked and (cfg.data.packing or bool(opens_images))
     soft = None
     if hasattr(loaded.model, "tower_frozen"):
         from .models._towers import SoftTokenCache
@@ -220,7 +237,7 @@ def evaluate(engine: Engine, data: Dataset, max_batches: int | None = None) -> d
     chunk = cfg.train.ce_chunk_tokens
     fn = partial(batch_loss, model, engine.split, chunk, grad=False, masked=engine.masked)
     total, tokens = 0.0, 0
-    batches = ordered_batches(data, cfg.train.batch_size, cfg.data.max_seq_len, cfg.data.packing)
+    batches = ordered_batches(data, Batching.of(cfg))
     for batch in batches[:max_batches]:
         total += fn(*device_arrays(batch, multiple, engine.soft)).item()
         tokens += batch.loss_tokens
@@ -234,11 +251,12 @@ def train(cfg: Config, resume: bool = False, echo: Callable[[str], None] | None 
     run_dir = check_run_dir(cfg, resume)
     if not cfg.data.train:
         raise ConfigError("data.train: not set")
+    cfg, checkpointing = settle_checkpointing(cfg)
     engine = setup(cfg)
     cfg = engine.cfg  # setup may turn packing off for a model that cannot pack
     model, t = engine.model, cfg.train
     say = echo or (lambda line: print(line, flush=True))
-    for note in engine.notes:
+    for note in engine.notes + [checkpointing] * bool(checkpointing):
         say(f"note: {note}")
     train_data = engine.dataset(cfg.data.train)
     valid_data = engine.dataset(cfg.data.valid) if cfg.data.valid else None
@@ -248,7 +266,7 @@ def train(cfg: Config, resume: bool = False, echo: Callable[[str], None] | None 
     if not resume:  # created only now that the model and the data have loaded
         with atomic_folder(run_dir, replace=True) as tmp:
             (tmp / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
-    stream = Stream(train_data, t.batch_size, cfg.data.max_seq_len, cfg.data.packing, t.seed)
+    stream = Stream(train_data, Batching.of(cfg), t.seed)
     total = total_steps(t, len(stream.plan(0)))
     optimizer = optim.AdamW(learning_rate=schedule(t, total), weight_decay=t.weight_decay)
     optimizer.init(model.trainable_parameters())

@@ -337,11 +337,10 @@ def test_a_llama4_lora_run_equals_transformers_plus_peft(tiny, tmp_path, extra):
             layer.lora_B["default"].weight.copy_(ours_layer.lora_B)
     params = [p for p in reference.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=0.0)
-    from mlxtune.data.batching import Position, Stream
+    from mlxtune.data.batching import Batching, Position, Stream
 
     data = engine.dataset(cfg.data.train)
-    stream = Stream(data, cfg.train.batch_size, cfg.data.max_seq_len, cfg.data.packing,
-                    cfg.train.seed)  # fmt: skip
+    stream = Stream(data, Batching.of(cfg), cfg.train.seed)
     position, theirs = Position(), []
     for _ in range(len(ours)):
         batch, position = stream.take(position)

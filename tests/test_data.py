@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from mlxtune.data.batching import Position, Stream, collate, plan_epoch, prepare
+from mlxtune.data.batching import Batching, Position, Stream, collate, plan_epoch, prepare
 from mlxtune.data.encode import encode
 from mlxtune.data.rows import parse_row, read_rows
 from mlxtune.errors import DataError
@@ -184,22 +184,51 @@ def _dataset(tok, n=200, seed=0):
 
 def test_packing_fills_rows_and_keeps_every_example(tok):
     data = _dataset(tok)
-    plan = plan_epoch(data.lengths, 4, 256, packing=True, seed=0, epoch=0)
+    plan = plan_epoch(data.lengths, Batching(256, True, rows=4), seed=0, epoch=0)
     rows = [row for batch in plan for row in batch]
     assert sorted(i for row in rows for i in row) == list(range(len(data.examples)))
     used = [sum(int(data.lengths[i]) for i in row) for row in rows]
     assert max(used) <= 256
     fill = sum(used) / (len(rows) * 256)
     assert fill >= 0.95, fill
-    unpacked = plan_epoch(data.lengths, 4, 256, packing=False, seed=0, epoch=0)
+    unpacked = plan_epoch(data.lengths, Batching(256, False, rows=4), seed=0, epoch=0)
     assert sum(len(b) for b in unpacked) == len(data.examples)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_a_token_budget_bounds_every_micro_batch_whatever_the_lengths(packing):
+    """train.batch_tokens: no micro-batch holds more slots (rows x padded length) than the
+    budget, except a lone row longer than it; short rows come many to a batch, long ones few;
+    every example is used exactly once per epoch; the planner's bound is the real maximum."""
+    rng = np.random.default_rng(0)
+    for case in range(30):
+        n = int(rng.integers(1, 400))
+        top = int(rng.choice([40, 300, 1024]))
+        lengths = rng.integers(1, top + 1, n)
+        b = Batching(1024, packing, rows=int(rng.choice([0, 3, 64])) or None,
+                     tokens=int(rng.choice([512, 2048, 4096])))  # fmt: skip
+        plan = plan_epoch(lengths, b, seed=case, epoch=0)
+        seen = sorted(i for batch in plan for row in batch for i in row)
+        assert seen == list(range(n)), case
+        most = 0
+        for batch in plan:
+            used = [sum(int(lengths[i]) for i in row) for row in batch]
+            slots = len(batch) * b.padded(max(used))
+            assert slots <= b.tokens or len(batch) == 1, (case, used)
+            assert b.rows is None or len(batch) <= b.rows
+            most = max(most, slots)
+        assert most <= b.most_tokens()
+    # Few long rows or many short ones, never a fixed count of rows.
+    short = plan_epoch(np.full(100, 30), Batching(1024, False, tokens=2048), 0, 0)
+    long = plan_epoch(np.full(8, 1000), Batching(1024, False, tokens=2048), 0, 0)
+    assert {len(x) for x in short} == {64, 36} and {len(x) for x in long} == {2}
 
 
 def test_plans_are_deterministic_per_seed_and_epoch(tok):
     data = _dataset(tok)
-    a = plan_epoch(data.lengths, 4, 256, True, seed=3, epoch=1)
-    assert a == plan_epoch(data.lengths, 4, 256, True, seed=3, epoch=1)
-    assert a != plan_epoch(data.lengths, 4, 256, True, seed=3, epoch=2)
+    a = plan_epoch(data.lengths, Batching(256, True, rows=4), seed=3, epoch=1)
+    assert a == plan_epoch(data.lengths, Batching(256, True, rows=4), seed=3, epoch=1)
+    assert a != plan_epoch(data.lengths, Batching(256, True, rows=4), seed=3, epoch=2)
 
 
 def test_collate_lays_examples_out_with_segments(tok):
@@ -216,12 +245,12 @@ def test_collate_lays_examples_out_with_segments(tok):
 
 def test_stream_resumes_at_a_position(tok):
     data = _dataset(tok, n=40)
-    stream = Stream(data, 4, 256, True, seed=0)
+    stream = Stream(data, Batching(256, True, rows=4), seed=0)
     pos, seen = Position(), []
     for _ in range(7):
         batch, pos = stream.take(pos)
         seen.append(batch.inputs)
-    again = Stream(data, 4, 256, True, seed=0)
+    again = Stream(data, Batching(256, True, rows=4), seed=0)
     batch, _ = again.take(Position(pos.epoch, pos.index))
     nxt, _ = stream.take(pos)
     assert np.array_equal(batch.inputs, nxt.inputs)

@@ -92,7 +92,7 @@ def test_without_a_model_the_media_are_still_decoded(broken):
 def test_stats_counts_modalities_lengths_and_packing_as_the_trainer(tiny, media):
     from mlxtune.config import load_config
     from mlxtune.data import check
-    from mlxtune.data.batching import plan_epoch
+    from mlxtune.data.batching import Batching, plan_epoch
 
     r = mlxtune("data", "stats", media, "--model", tiny("gemma4"), "--set", "data.max_seq_len=1024")
     assert r.returncode == 0, r.stderr
@@ -105,8 +105,16 @@ def test_stats_counts_modalities_lengths_and_packing_as_the_trainer(tiny, media)
     p50, p90 = np.percentile(lengths, [50, 90]).round().astype(int)
     assert f"min {lengths.min()}, p50 {p50}, p90 {p90}" in out[2]
     assert sum(int(line.split()[-1]) for line in out if line.startswith("  ")) == 9  # histogram
-    rows = sum(len(b) for b in plan_epoch(lengths - 1, 4, 1024, True, 0, 0))
-    assert f"9 examples -> {rows} rows" in r.stdout
+    packed = Batching(1024, True, tokens=cfg.train.batch_tokens)
+    rows = sum(len(b) for b in plan_epoch(lengths - 1, packed, 0, 0))
+    assert f"9 examples in {rows} packed rows of 1024" in r.stdout
+    # the fill printed is the trainer's: tokens / slots of the batches it would run
+    batches = plan_epoch(lengths - 1, Batching.of(cfg), 0, 0)
+    slots = sum(
+        len(b) * Batching.of(cfg).padded(max(sum(lengths[r] - 1) for r in b)) for b in batches
+    )
+    fill = (lengths - 1).sum() / slots
+    assert f": {fill:.1%} of the slots hold tokens" in r.stdout
 
 
 def test_stats_without_a_model_and_bad_config_keys(media, tmp_path):

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from mlxtune.data.batching import _first_fit, plan_epoch
+from mlxtune.data.batching import Batching, _first_fit, plan_epoch
 
 
 def first_fit_linear(lengths, order, capacity: int) -> list[list[int]]:
@@ -92,7 +92,7 @@ def test_a_large_epoch_packs_in_n_log_n_time():
     rng = np.random.default_rng(0)
     lengths = rng.integers(20, 1001, 100_000)
     start = time.perf_counter()
-    plan = plan_epoch(lengths, 8, 1024, packing=True, seed=0, epoch=0)
+    plan = plan_epoch(lengths, Batching(1024, True, rows=8), seed=0, epoch=0)
     assert time.perf_counter() - start < 5.0
     rows = [row for batch in plan for row in batch]
     assert sorted(i for row in rows for i in row) == list(range(100_000))

@@ -47,6 +47,49 @@ def test_packed_rows_give_the_loss_of_separate_rows(tiny, tmp_path, arch):
     np.testing.assert_allclose(packed.item(), alone, rtol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma4"])
+def test_one_example_per_row_needs_no_mask_and_gives_the_loss_of_each_alone(tiny, tmp_path, arch):
+    """Without packing, rows are right-padded to the batch's longest and the model gets no mask
+    array (causal attention on its fused path): the loss still equals each example's alone."""
+    engine, data = engine_for(tiny, tmp_path, arch, "data.packing=false")
+    assert engine.masked is bool(getattr(engine.model, "bidirectional", False))  # image blocks
+    ex = data.examples
+    arrays = trainer.device_arrays(collate(ex, [[0], [1], [2], [3]], 128), 64)
+    unmasked = trainer.batch_loss(engine.model, engine.split, 16, *arrays, masked=False).item()
+    alone = sum(
+        trainer.batch_loss(engine.model, engine.split, 16,
+                           *trainer.device_arrays(collate(ex, [[i]], 128), 64)).item()
+        for i in range(4)
+    )  # fmt: skip
+    assert len({len(e) for e in ex[:4]}) > 1  # the batch pads some rows
+    np.testing.assert_allclose(unmasked, alone, rtol=1e-5)
+
+
+def test_grad_checkpoint_auto_turns_on_when_the_plan_does_not_fit(tiny, tmp_path):
+    """train.grad_checkpoint auto: the memory plan of a step without checkpointing against
+    train.memory_gb decides; on, it says so, checkpoints every block, and the loss curve is the
+    one of a run without it."""
+    lines = {}
+    runs = {"roomy": "train.memory_gb=64", "tight": "train.memory_gb=0.0001", "off": None}
+    losses = {}
+    for name, setting in runs.items():
+        extra = [setting] if setting else ["train.grad_checkpoint=false"]
+        cfg = load_config(None, run_overrides(tiny("llama"), tmp_path / name, "train.iters=3",
+                                              "train.save_every=0", *extra))  # fmt: skip
+        said = lines.setdefault(name, [])
+        run_dir = trainer.train(cfg, echo=said.append)
+        losses[name] = [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")
+                        if r["kind"] == "train"]  # fmt: skip
+    note = [x for x in lines["tight"] if "grad_checkpoint auto: on" in x]
+    assert len(note) == 1 and "of the 0.0001 GiB it may use" in note[0], lines["tight"]
+    assert not any("grad_checkpoint auto" in x for x in lines["roomy"] + lines["off"]), lines
+    cfg, why = trainer.settle_checkpointing(load_config(None, run_overrides(
+        tiny("llama"), tmp_path / "x", "train.memory_gb=0.0001")))  # fmt: skip
+    assert cfg.train.grad_checkpoint is True and why == note[0].removeprefix("note: ")
+    np.testing.assert_allclose(losses["tight"], losses["off"], rtol=1e-5)
+    np.testing.assert_allclose(losses["roomy"], losses["off"], rtol=1e-6)
+
+
 def test_chunked_loss_equals_full_logits_in_value_and_gradient(tiny, tmp_path):
     engine, data = engine_for(tiny, tmp_path, "gemma4", "lora.method=dora")
     batch = collate(data.examples, [[0, 1], [2]], 128)
@@ -231,16 +274,16 @@ def test_a_tiny_model_learns_a_held_out_task(tiny, tmp_path):
 
 def test_epochs_set_the_number_of_steps(tiny, tmp_path):
     """train.epochs: every example once per epoch; steps = ceil(epochs * micro-batches / accum)."""
-    from mlxtune.data.batching import Stream
+    from mlxtune.data.batching import Batching, Stream
 
     cfg = load_config(None, run_overrides(tiny("llama"), tmp_path / "run", "train.iters=null",
                                           "train.epochs=1.5", "train.grad_accum=2"))  # fmt: skip
     engine = trainer.setup(cfg)
     data = engine.dataset(cfg.data.train)
-    micro = len(Stream(data, 2, 128, True, 0).plan(0))
+    micro = len(Stream(data, Batching.of(cfg), 0).plan(0))
     expected = -(-3 * micro // 4)  # ceil(1.5 * micro / 2)
     assert trainer.total_steps(cfg.train, micro) == expected
-    seen = [i for batch in Stream(data, 2, 128, True, 0).plan(0) for row in batch for i in row]
+    seen = [i for batch in Stream(data, Batching.of(cfg), 0).plan(0) for row in batch for i in row]
     assert sorted(seen) == list(range(len(data.examples)))
     run_dir = trainer.train(cfg, echo=lambda line: None)
     steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"]

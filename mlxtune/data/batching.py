@@ -100,14 +100,58 @@ def prepare(
     return Dataset(examples, stats)
 
 
+@dataclass(frozen=True)
+class Batching:
+    """How examples become micro-batches: rows of at most `max_seq_len` positions (several
+    examples each with `packing`), cut into micro-batches of at most `rows` rows and at most
+    `tokens` slots (rows x padded length, padding counted), whichever binds first; a batch
+    always takes at least one row. `tokens` bounds a step's memory whatever the row lengths:
+    rows of similar length share a batch, so short rows come many to a batch, long ones few."""
+
+    max_seq_len: int
+    packing: bool
+    rows: int | None = None
+    tokens: int | None = None
+
+    @classmethod
+    def of(cls, cfg) -> Batching:
+        return cls(cfg.data.max_seq_len, cfg.data.packing, cfg.train.batch_size,
+                   cfg.train.batch_tokens)  # fmt: skip
+
+    def padded(self, used: int) -> int:
+        """The length a batch whose longest row holds `used` positions is padded to."""
+        return min(-(-max(used, 1) // PAD_MULTIPLE) * PAD_MULTIPLE, self.max_seq_len)
+
+    def take(self, length: int) -> int:
+        """Rows a batch padded to `length` takes."""
+        n = max(1, self.tokens // length) if self.tokens else self.rows or 1
+        return min(n, self.rows) if self.rows else n
+
+    def cut(self, used: list[int]) -> list[int]:
+        """Batch sizes for rows of these fills, sorted longest first."""
+        sizes, i = [], 0
+        while i < len(used):
+            sizes.append(min(self.take(self.padded(used[i])), len(used) - i))
+            i += sizes[-1]
+        return sizes
+
+    def slots(self, used: list[int]) -> int:
+        """Row slots (padding included) of all batches of these fills."""
+        used = sorted(used, reverse=True)
+        total, i = 0, 0
+        for n in self.cut(used):
+            total += n * self.padded(used[i])
+            i += n
+        return total
+
+    def most_tokens(self) -> int:
+        """The most slots one micro-batch can hold (the memory plan's tokens per step)."""
+        lengths = {*range(PAD_MULTIPLE, self.max_seq_len, PAD_MULTIPLE), self.max_seq_len}
+        return max(self.take(n) * n for n in lengths)
+
+
 def plan_epoch(
-    lengths: np.ndarray,
-    batch_size: int,
-    max_seq_len: int,
-    packing: bool,
-    seed: int,
-    epoch: int,
-    shuffle: bool = True,
+    lengths: np.ndarray, batching: Batching, seed: int, epoch: int, shuffle: bool = True
 ) -> list[list[list[int]]]:
     """Micro-batches of rows of example indices: [[row, row, ...], ...], each row [i, j, ...]."""
     order = np.arange(len(lengths))
@@ -115,11 +159,16 @@ def plan_epoch(
     if shuffle:
         order = rng.permutation(order)  # ties in length fall in a new order each epoch
     order = order[np.argsort(-lengths[order], kind="stable")]
-    rows = _first_fit(lengths, order, max_seq_len) if packing else [[int(i)] for i in order]
+    cap = batching.max_seq_len
+    rows = _first_fit(lengths, order, cap) if batching.packing else [[int(i)] for i in order]
     # Rows of similar fill share a batch, which pads only to its longest row.
     used = np.array([sum(int(lengths[i]) for i in row) for row in rows])
-    rows = [rows[i] for i in np.argsort(-used, kind="stable")]
-    batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    at = np.argsort(-used, kind="stable")
+    rows, used = [rows[i] for i in at], [min(int(used[i]), cap) for i in at]
+    batches, i = [], 0
+    for n in batching.cut(used):
+        batches.append(rows[i : i + n])
+        i += n
     if shuffle:
         batches = [batches[i] for i in rng.permutation(len(batches))]
     return batches
@@ -324,33 +373,27 @@ class Position:
 class Stream:
     """Endless micro-batches over epochs, resumable from a Position."""
 
-    def __init__(self, data: Dataset, batch_size: int, max_seq_len: int, packing: bool, seed: int):
-        self.data, self.seed = data, seed
-        self.batch_size, self.max_seq_len, self.packing = batch_size, max_seq_len, packing
+    def __init__(self, data: Dataset, batching: Batching, seed: int):
+        self.data, self.batching, self.seed = data, batching, seed
         self._plans: dict[int, list] = {}
 
     def plan(self, epoch: int) -> list[list[list[int]]]:
         if epoch not in self._plans:
-            self._plans = {
-                epoch: plan_epoch(
-                    self.data.lengths, self.batch_size, self.max_seq_len, self.packing,
-                    self.seed, epoch,
-                )
-            }  # fmt: skip
+            self._plans = {epoch: plan_epoch(self.data.lengths, self.batching, self.seed, epoch)}
         return self._plans[epoch]
 
     def take(self, at: Position) -> tuple[Batch, Position]:
         """The micro-batch at `at`, and the position after it."""
         plan = self.plan(at.epoch)
-        batch = collate(self.data.examples, plan[at.index], self.max_seq_len)
+        batch = collate(self.data.examples, plan[at.index], self.batching.max_seq_len)
         after = Position(at.epoch, at.index + 1)
         return batch, after if after.index < len(plan) else Position(at.epoch + 1, 0)
 
 
-def ordered_batches(data: Dataset, batch_size: int, max_seq_len: int, packing: bool):
+def ordered_batches(data: Dataset, batching: Batching):
     """Every example once, in a fixed order: for validation."""
-    plan = plan_epoch(data.lengths, batch_size, max_seq_len, packing, 0, 0, shuffle=False)
-    return [collate(data.examples, rows, max_seq_len) for rows in plan]
+    plan = plan_epoch(data.lengths, batching, 0, 0, shuffle=False)
+    return [collate(data.examples, rows, batching.max_seq_len) for rows in plan]
 
 
 class DataOf:

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..config import Config
 from ..errors import DataError
-from .batching import PAD_MULTIPLE, _first_fit
+from .batching import Batching, _first_fit
 from .encode import encode
 from .media import AudioSpec, MediaPlan, open_image, read_audio
 from .rows import Row, scan_rows
@@ -167,7 +167,7 @@ def stats_lines(report: Report, cfg: Config, model: Tokenizing | None) -> list[s
     out.append(f"tokens per row ({model.name}): min {n.min()}, p50 {p[0]}, p90 {p[1]}, "
                f"p99 {p[2]}, max {n.max()}; {n.sum():,} in all, {report.loss_tokens:,} with loss")  # fmt: skip
     out += histogram(n)
-    out += packing_lines(n, cfg.data.max_seq_len, cfg.train.batch_size)
+    out += packing_lines(n, cfg)
     return out
 
 
@@ -188,28 +188,28 @@ def histogram(lengths: np.ndarray, bins: int = 10, width: int = 40) -> list[str]
             for label, c in zip(labels, counts, strict=True)]  # fmt: skip
 
 
-def packing_lines(lengths: np.ndarray, max_seq_len: int, batch_size: int) -> list[str]:
-    """How full the rows of a step would be, packed and not (tokens / row slots). A row holds
+def packing_lines(lengths: np.ndarray, cfg: Config) -> list[str]:
+    """How full the micro-batches would be, packed and not (tokens / row slots). A row holds
     an example's inputs (its tokens but the last), as the trainer lays them out."""
-    fitting = np.minimum(lengths - 1, max_seq_len)
-    order = np.argsort(-fitting, kind="stable")
-    packed = _first_fit(fitting, order, max_seq_len)
-    used = sorted((int(fitting[r].sum()) for r in packed), reverse=True)
-    packed_fill = sum(used) / _slots(used, batch_size, max_seq_len)
-    plain = sorted(fitting.tolist(), reverse=True)
+    from dataclasses import replace
+
+    batching = Batching.of(cfg)
+    cap = batching.max_seq_len
+    fitting = np.minimum(lengths - 1, cap)
+    packed = _first_fit(fitting, np.argsort(-fitting, kind="stable"), cap)
+    used = [int(fitting[r].sum()) for r in packed]
+    plain = fitting.tolist()
+    fill = {on: sum(plain) / replace(batching, packing=on).slots(used if on else plain)
+            for on in (True, False)}  # fmt: skip
+    chosen = "packing" if batching.packing else "one example per row"
     return [
-        f"packing at data.max_seq_len {max_seq_len}: {len(lengths)} examples -> {len(packed)} rows, "
-        f"{packed_fill:.1%} of the batch slots hold tokens",
-        f"without packing (batch {batch_size}, padded to its longest): "
-        f"{sum(plain) / _slots(plain, batch_size, max_seq_len):.1%}",
+        f"micro-batches ({_budget(batching)}; data.packing {str(batching.packing).lower()}: "
+        f"{chosen}): {fill[batching.packing]:.1%} of the slots hold tokens",
+        f"with data.packing {str(not batching.packing).lower()}: {fill[not batching.packing]:.1%}"
+        f" ({len(lengths)} examples in {len(packed)} packed rows of {cap})",
     ]
 
 
-def _slots(used: list[int], batch_size: int, max_seq_len: int) -> int:
-    """Row slots of batches of rows sorted longest first, each padded to its longest row
-    rounded up to PAD_MULTIPLE (at most max_seq_len), as `collate` pads."""
-    total = 0
-    for i in range(0, len(used), batch_size):
-        batch = used[i : i + batch_size]
-        total += len(batch) * min(-(-batch[0] // PAD_MULTIPLE) * PAD_MULTIPLE, max_seq_len)
-    return total
+def _budget(b: Batching) -> str:
+    parts = [f"{b.tokens:,} tokens"] * bool(b.tokens) + [f"{b.rows} rows"] * bool(b.rows)
+    return " and ".join(parts) + " at most"

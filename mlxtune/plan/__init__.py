@@ -14,9 +14,10 @@ unquantized-head case.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..config import Config
+from ..data.batching import Batching
 from .counts import (
     KNOWN,
     Counts,
@@ -123,14 +124,14 @@ class Plan:
             "routed experts": "set model.offload_experts: true (stream them from host RAM)",
             "frozen linear weights": "set model.quantize: 4",
             "layer checkpoints": "set train.offload_checkpoints: true",
-            "activations": "set train.grad_checkpoint: true, or fewer tokens per step",
-            "layer working set": "fewer tokens per step (data.max_seq_len x train.batch_size)",
+            "activations": "set train.grad_checkpoint: true, or a smaller train.batch_tokens",
+            "layer working set": "a smaller train.batch_tokens",
             "logits chunk": "a smaller train.ce_chunk_tokens",
         }
         for row in sorted(self.rows, key=lambda r: -r.gpu):
             if row.name in tips and row.name not in self.applied:
                 return tips[row.name]
-        return "fewer tokens per step (data.max_seq_len x train.batch_size), or a bigger device"
+        return "a smaller train.batch_tokens, or a bigger device"
 
     def table(self) -> str:
         cuda = self.backend == "cuda"
@@ -168,18 +169,26 @@ def _at(phase: str) -> str:
 
 def plan(cfg: Config, device_gb: float | None = None, host_gb: float | None = None,
          on_cpu: bool = False, pcie_gbps: float = PCIE_GBPS) -> Plan:  # fmt: skip
-    """The plan of `cfg`; `on_cpu`: the cuda backend running on a CPU (everything in RAM)."""
+    """The plan of `cfg`; `on_cpu`: the cuda backend running on a CPU (everything in RAM).
+
+    With `train.grad_checkpoint: auto`, the plan is made without checkpointing, and again with
+    it when the first does not fit `device_gb` (as the trainers decide)."""
+    if cfg.train.grad_checkpoint == "auto":
+        decided, why = settle(cfg, device_gb, host_gb, on_cpu)
+        p = plan(decided, device_gb, host_gb, on_cpu, pcie_gbps)
+        p.notes.append(why or "train.grad_checkpoint auto: off (a step fits without it)")
+        return p
     config, local = model_config(str(cfg.model.path))
     counts = counts_from_headers(local) if local is not None else counts_from_config(config)
     text = config.get("text_config", config)
-    tokens = cfg.data.max_seq_len * cfg.train.batch_size
+    tokens = Batching.of(cfg).most_tokens()
     cuda_backend = cfg.model.backend == "cuda"
     p = Plan(str(cfg.model.path), cfg.model.backend, counts, tokens=tokens, device_gb=device_gb,
              host_gb=host_gb, dtype=_dtype(cfg, config), on_cpu=on_cpu and cuda_backend,
              pcie_gbps=pcie_gbps, accum=cfg.train.grad_accum)  # fmt: skip
     on = {"frozen linear weights": cfg.model.quantize == 4, "routed experts":
           cfg.model.offload_experts, "layer checkpoints": cfg.train.offload_checkpoints,
-          "activations": cfg.train.grad_checkpoint}  # fmt: skip
+          "activations": cfg.train.grad_checkpoint is True}  # fmt: skip
     p.applied = {k for k, v in on.items() if v}
     lora = lora_params(text, cfg)
     p.add("LoRA + grads + AdamW", 16 * lora, note=f"{lora:,} parameters, fp32")
@@ -188,6 +197,30 @@ def plan(cfg: Config, device_gb: float | None = None, host_gb: float | None = No
     else:
         _mlx(p, cfg, text, counts, tokens)
     return p
+
+
+def _checkpointing(cfg: Config, on: bool) -> Config:
+    return replace(cfg, train=replace(cfg.train, grad_checkpoint=on))
+
+
+def settle(cfg: Config, device_gb: float | None, host_gb: float | None = None,
+           on_cpu: bool = False) -> tuple[Config, str | None]:  # fmt: skip
+    """`cfg` with train.grad_checkpoint decided: `auto` is on when the plan of a step without
+    checkpointing does not fit the memory given (None: unknown, so off), and a line saying why."""
+    if cfg.train.grad_checkpoint != "auto":
+        return cfg, None
+    try:
+        off = plan(_checkpointing(cfg, False), device_gb, host_gb, on_cpu)
+    except (KeyError, TypeError, ValueError):  # a model the planner has no formula for
+        return _checkpointing(cfg, False), None
+    if off.fits:
+        return _checkpointing(cfg, False), None
+    gpu, host, _, _ = off.peak()
+    need, have = (host, host_gb) if off.on_cpu else (gpu, device_gb)
+    return _checkpointing(cfg, True), (
+        f"train.grad_checkpoint auto: on; without it a step needs {need / GIB:.1f} GiB "
+        f"(planned) of the {have:.3g} GiB it may use"
+    )
 
 
 def _mlx(p: Plan, cfg: Config, text: dict, counts: Counts, tokens: int) -> None:
@@ -205,8 +238,12 @@ def _mlx(p: Plan, cfg: Config, text: dict, counts: Counts, tokens: int) -> None:
         kept = n_layers * tokens * layer_elements(text, streamed=False, row=row) * dense
         p.add("activations", kept, note="every layer's, kept for backward")
     softcap = MLX_SOFTCAP_BYTES if text.get("final_logit_softcapping") else 0
-    p.add("logits chunk", logits_bytes(cfg, v, MLX_LOGIT_BYTES + softcap))
-    p.add("MLX buffers (fitted)", MLX_BASE, note="intercept of benchmarks/fit_plan.py's fit")
+    p.add("logits chunk", logits_bytes(cfg, v, MLX_LOGIT_BYTES + softcap, tokens))
+    # The intercept corrects what the per-token rows overstate; it never takes more than them
+    # (a tiny model would otherwise plan a negative total).
+    per_token = sum(r.gpu for r in p.rows if r.name not in ("weights", "LoRA + grads + AdamW"))
+    p.add("MLX buffers (fitted)", max(MLX_BASE, -per_token),
+          note="intercept of benchmarks/fit_plan.py's fit")  # fmt: skip
 
 
 def _dtype(cfg: Config, config: dict) -> str:

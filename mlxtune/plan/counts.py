@@ -166,10 +166,10 @@ def layer_bytes(text: dict, dense: int, row: int = 0) -> float:
     return 1.5 * layer_elements(text, row=row) * dense
 
 
-def logits_bytes(cfg: Config, vocab: int, per_logit: int = 8) -> float:
+def logits_bytes(cfg: Config, vocab: int, per_logit: int = 8, tokens: int = 0) -> float:
     """One chunk's logits: fp32 logits and their gradient plus the head's output (8 bytes per
     logit), or what MLX keeps while it differentiates a chunk (MLX_LOGIT_BYTES)."""
-    chunk = cfg.train.ce_chunk_tokens or cfg.data.max_seq_len * cfg.train.batch_size
+    chunk = cfg.train.ce_chunk_tokens or tokens
     return chunk * vocab * per_logit
 
 

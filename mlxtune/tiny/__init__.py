@@ -36,6 +36,12 @@ class Sizes:
     # Gemma 3n: the decoder's sliding window (tiny default 32, so test prompts cross it; the real
     # 512 lets every layer see a picture's 256 and a clip's 188 soft tokens).
     sliding_window: int | None = None
+    # Llama and Gemma 4 text: real attention and MLP widths for scaled real-shape checkpoints
+    # (benchmarks/bench_text_lora.py --shape); None keeps the tiny ones (4 heads, MLP 2 x hidden).
+    heads: int | None = None
+    kv_heads: int | None = None
+    head_dim: int | None = None
+    intermediate: int | None = None
 
 
 def make_tiny(out_dir: str | Path, arch: str, seed: int = 0, sizes: Sizes = Sizes()) -> Path:

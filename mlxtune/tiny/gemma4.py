@@ -200,11 +200,11 @@ def _ones(prefix, names, dim):
     return {f"{prefix}{n}.weight": ((dim,), "ones") for n in names}
 
 
-def _text(h, n_layers, vocab_size, ids, eos):
-    heads, kv_heads = 4, 1  # E2B: 8 query heads over 1 KV head
-    head_dim = h // heads
+def _text(h, n_layers, vocab_size, ids, eos, sizes):
+    heads, kv_heads = sizes.heads or 4, sizes.kv_heads or 1  # E2B: 8 query heads over 1 KV head
+    head_dim = sizes.head_dim or h // heads
     global_head_dim = 2 * head_dim  # full-attention layers use wider heads (E2B: 256 -> 512)
-    inter = 2 * h
+    inter = sizes.intermediate or 2 * h
     ple = max(h // 4, 4)  # per-layer-input width (E2B: 256 for hidden 1536)
     # Alternate sliding/full (E2B: 4 sliding + 1 full) so even 4 layers hold both kinds; the last
     # layer must be full. The back half reuses K/V: the front half then still holds both kinds.
@@ -382,7 +382,7 @@ def _audio(h, ah=32, n_layers=2):
 def build(ids, vocab_size, sizes):
     h = sizes.hidden_size or 64
     eos = [ids["<eos>"], ids["<turn|>"], ids["<|tool_response>"]]
-    text_config, params = _text(h, sizes.num_layers or 4, vocab_size, ids, eos)
+    text_config, params = _text(h, sizes.num_layers or 4, vocab_size, ids, eos, sizes)
     towers = {"n_layers": sizes.tower_layers or 2}
     vision_config, vision_params = _vision(h, sizes.tower_hidden or 32, **towers)
     audio_config, audio_params = _audio(h, sizes.tower_hidden or 32, **towers)

@@ -49,9 +49,9 @@ TOKENIZER = TokenizerSpec(
 def build(ids, vocab_size, sizes):
     h = sizes.hidden_size or 64
     n_layers = sizes.num_layers or 2
-    heads, kv_heads = 4, 2
-    head_dim = h // heads
-    inter = 2 * h
+    heads, kv_heads = sizes.heads or 4, sizes.kv_heads or 2
+    head_dim = sizes.head_dim or h // heads
+    inter = sizes.intermediate or 2 * h
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
