@@ -22,7 +22,8 @@ otherwise.
 Training time is summed from each tool's own report windows (model loading excluded, compiling
 included, as a user waits for it). Real tokens/s = the data's tokens / that time, the same
 number for both, because mlx-lm's own "Tokens/sec" counts only loss tokens. Peak memory is
-MLX's own peak (each tool reports it) and the process's maximum resident set. Prints the ratios.
+MLX's own peak (each tool reports it) and the process's maximum resident set. The epoch loss
+is the training loss over the epoch, weighted by loss tokens. Prints the ratios.
 """
 
 from __future__ import annotations
@@ -114,7 +115,8 @@ train(load_config(None, {overrides!r}), echo=lambda line: None)
         "steps": rows[-1]["step"],
         "mlx_peak_gb": max(r["peak_memory_gb"] for r in rows),
         "rss_gb": rss / 1e9,
-        "final_loss": rows[-1]["loss"],
+        "mean_loss": sum(r["loss"] * r["loss_tokens"] for r in rows)
+        / sum(r["loss_tokens"] for r in rows),
         "real_share": sum(r["real_tokens"] for r in rows)
         / sum(r["real_tokens"] / r["real_token_share"] for r in rows),
     }
@@ -162,13 +164,15 @@ L.train_model(args, model, train_set, valid_set, Record())
     reports = [json.loads(line[7:]) for line in stdout.splitlines() if line.startswith("REPORT ")]
     if not reports:
         sys.exit(f"mlx_lm lora reported nothing:\n{stdout[-2000:]}")
-    seconds, before = 0.0, 0
-    for r in reports:  # each window: its loss tokens at its own tokens/s
+    seconds, before, weighted = 0.0, 0, 0.0
+    for r in reports:  # each window: its loss tokens at its own tokens/s, and its mean loss
         seconds += (r["trained_tokens"] - before) / r["tokens_per_second"]
+        weighted += r["train_loss"] * (r["trained_tokens"] - before)
         before = r["trained_tokens"]
+    mean_loss = weighted / before
     return {"seconds": seconds, "wall": wall, "steps": reports[-1]["iteration"],
             "mlx_peak_gb": max(r["peak_memory"] for r in reports), "rss_gb": rss / 1e9,
-            "final_loss": reports[-1]["train_loss"]}  # fmt: skip
+            "mean_loss": mean_loss}  # fmt: skip
 
 
 SHAPES = {  # name: (description, default rows)
@@ -224,11 +228,11 @@ def main() -> None:
     print(f"{SHAPES[args.shape][0]}; {data['rows']} chats, {real:,} tokens, one epoch each; "
           f"mlxtune train.batch_tokens={budget} {' '.join(args.sets)}".rstrip())  # fmt: skip
     print(f"{'':14}{'real tok/s':>12}{'train s':>10}{'wall s':>9}{'steps':>7}"
-          f"{'MLX peak GB':>13}{'max RSS GB':>12}{'loss':>8}")  # fmt: skip
+          f"{'MLX peak GB':>13}{'max RSS GB':>12}{'epoch loss':>10}")  # fmt: skip
     for name, r in (("mlx_lm lora", theirs), ("mlxtune", ours)):
         print(f"{name:14}{real / r['seconds']:>12,.0f}{r['seconds']:>10.1f}{r['wall']:>9.1f}"
               f"{r['steps']:>7}{r['mlx_peak_gb']:>13.2f}{r['rss_gb']:>12.2f}"
-              f"{r['final_loss']:>8.3f}")  # fmt: skip
+              f"{r['mean_loss']:>10.3f}")  # fmt: skip
     print(f"mlxtune / mlx_lm: throughput {theirs['seconds'] / ours['seconds']:.2f}x "
           f"(wall {theirs['wall'] / ours['wall']:.2f}x), "
           f"MLX peak memory {ours['mlx_peak_gb'] / theirs['mlx_peak_gb']:.2f}x, "

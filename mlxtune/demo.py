@@ -128,7 +128,7 @@ def write_media_task(
 TASKS = {
     "media": ("gemma4", {}, write_media_task,
               ["data.max_seq_len=256", "data.image_soft_tokens=70", "train.iters=120",
-               "train.batch_size=8", "train.learning_rate=2e-3", "train.warmup_steps=10"]),
+               "train.batch_size=8", "data.packing=true", "train.learning_rate=2e-3", "train.warmup_steps=10"]),
     # Gemma 3n: 256 + 188 soft tokens per picture and clip; pictures at 256 px, as MobileNetV5's
     # attention at the real 768 px takes seconds per picture on a CPU. The real 512-token window,
     # so every layer sees the media (the tiny default of 32 leaves them to the full layers). A
@@ -137,10 +137,10 @@ TASKS = {
     # take twice Gemma 4's steps.
     "media-3n": ("gemma3n", {"image_size": 256, "sliding_window": 512},
                  partial(write_media_task, seconds=(1.2, 4.8)),
-                 ["data.max_seq_len=512", "train.iters=240", "train.batch_size=8",
+                 ["data.max_seq_len=512", "train.iters=240", "train.batch_size=8", "data.packing=true",
                   "train.learning_rate=2e-3", "train.warmup_steps=10"]),
     "text": ("llama", {}, write_task,
-             ["data.max_seq_len=128", "train.iters=60", "train.batch_size=8",
+             ["data.max_seq_len=128", "train.iters=60", "train.batch_size=8", "data.packing=true",
               "train.learning_rate=3e-3", "train.warmup_steps=10"]),
 }  # fmt: skip
 

@@ -26,7 +26,7 @@ torch = pytest.importorskip("torch")
 @pytest.fixture(scope="module")
 def engine(tiny):
     cfg = load_config(None, [f"model.path={tiny('gemma3n')}", "model.dtype=float32",
-                             "data.max_seq_len=1024"])  # fmt: skip
+                             "data.max_seq_len=1024", "data.packing=true"])  # fmt: skip
     return trainer.setup(cfg)
 
 

@@ -314,8 +314,10 @@ def test_absolute_positions_turn_packing_off_and_still_train(tiny, tmp_path):
     for f in tiny("llama").iterdir():  # the tiny Llama's tokenizer and chat template
         if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
             shutil.copy(f, folder / f.name)
-    assert trainer.setup(load_config(None, run_overrides(tiny("llama"), tmp_path / "r"))).masked
-    cfg = load_config(None, run_overrides(folder, tmp_path / "run", "lora.targets=c_attn,c_fc"))
+    llama = run_overrides(tiny("llama"), tmp_path / "r", "data.packing=true")
+    assert trainer.setup(load_config(None, llama)).masked
+    cfg = load_config(None, run_overrides(folder, tmp_path / "run", "lora.targets=c_attn,c_fc",
+                                          "data.packing=true"))  # fmt: skip
     engine = trainer.setup(cfg)
     assert not engine.masked and not engine.cfg.data.packing
     assert any("packing off" in note for note in engine.notes)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 
 from ..config import Config
 from ..data.batching import Batching
+from ..errors import MlxtuneError
 from .counts import (
     KNOWN,
     Counts,
@@ -211,7 +212,8 @@ def settle(cfg: Config, device_gb: float | None, host_gb: float | None = None,
         return cfg, None
     try:
         off = plan(_checkpointing(cfg, False), device_gb, host_gb, on_cpu)
-    except (KeyError, TypeError, ValueError):  # a model the planner has no formula for
+    except (KeyError, TypeError, ValueError, OSError, MlxtuneError):
+        # a model the planner has no formula for, or cannot find: loading says what is wrong
         return _checkpointing(cfg, False), None
     if off.fits:
         return _checkpointing(cfg, False), None
