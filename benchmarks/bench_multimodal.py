@@ -14,7 +14,7 @@ budget of 280 soft tokens per picture, loss on the answers.
 Both tools train one epoch of the same rows with the same LoRA (rank 8, alpha 16, attention and
 MLP of every decoder layer), AdamW at a constant 1e-4, on one row per step: mlx-vlm 0.7.10 cannot
 train Gemma 4 on more (its attention mask does not broadcast over a batch). mlxtune then runs
-again as it would by default, packing several rows into each 1,024-token step.
+again with data.packing: true, several rows in each 1,024-token step.
 
 Time is the training loop's wall time as each tool reports it (compiling and data preparation
 included, model loading not). Peak memory is MLX's own peak as each tool reports it, and each

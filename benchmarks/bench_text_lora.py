@@ -199,7 +199,8 @@ def make_model(shape: str, work: Path) -> Path:
                                          intermediate=14336)),
             "tiny-vocab": ("gemma4", Sizes(256, 4, 262_144)),
         }[shape]  # fmt: skip
-        make_tiny(model, *sizes)
+        arch, shape_sizes = sizes
+        make_tiny(model, arch, sizes=shape_sizes)
     return model
 
 
@@ -228,11 +229,11 @@ def main() -> None:
     print(f"{SHAPES[args.shape][0]}; {data['rows']} chats, {real:,} tokens, one epoch each; "
           f"mlxtune train.batch_tokens={budget} {' '.join(args.sets)}".rstrip())  # fmt: skip
     print(f"{'':14}{'real tok/s':>12}{'train s':>10}{'wall s':>9}{'steps':>7}"
-          f"{'MLX peak GB':>13}{'max RSS GB':>12}{'epoch loss':>10}")  # fmt: skip
+          f"{'MLX peak GB':>13}{'max RSS GB':>12}{'epoch loss':>12}")  # fmt: skip
     for name, r in (("mlx_lm lora", theirs), ("mlxtune", ours)):
         print(f"{name:14}{real / r['seconds']:>12,.0f}{r['seconds']:>10.1f}{r['wall']:>9.1f}"
               f"{r['steps']:>7}{r['mlx_peak_gb']:>13.2f}{r['rss_gb']:>12.2f}"
-              f"{r['mean_loss']:>10.3f}")  # fmt: skip
+              f"{r['mean_loss']:>12.3f}")  # fmt: skip
     print(f"mlxtune / mlx_lm: throughput {theirs['seconds'] / ours['seconds']:.2f}x "
           f"(wall {theirs['wall'] / ours['wall']:.2f}x), "
           f"MLX peak memory {ours['mlx_peak_gb'] / theirs['mlx_peak_gb']:.2f}x, "
