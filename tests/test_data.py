@@ -224,6 +224,27 @@ def test_a_token_budget_bounds_every_micro_batch_whatever_the_lengths(packing):
     assert {len(x) for x in short} == {64, 36} and {len(x) for x in long} == {2}
 
 
+def test_ranks_split_each_micro_batch_so_every_example_runs_exactly_once():
+    """Data parallel: the ranks' shards of every planned micro-batch are disjoint, together
+    hold exactly the batch, and differ in tokens by at most one row's."""
+    from mlxtune.data.batching import shard
+
+    rng = np.random.default_rng(1)
+    for case in range(20):
+        lengths = rng.integers(1, 1025, int(rng.integers(1, 300)))
+        b = Batching(1024, bool(case % 2), tokens=int(rng.choice([1024, 4096, 16384])))
+        size = int(rng.choice([2, 3, 4, 8]))
+        seen = []
+        for batch in plan_epoch(lengths, b, seed=case, epoch=0):
+            parts = [shard(batch, lengths, k, size) for k in range(size)]
+            assert sorted(map(sorted, sum(parts, []))) == sorted(map(sorted, batch)), case
+            tokens = [sum(int(lengths[i]) for row in part for i in row) for part in parts]
+            longest = max(sum(int(lengths[i]) for i in row) for row in batch)
+            assert max(tokens) - min(tokens) <= longest, case
+            seen += [i for part in parts for row in part for i in row]
+        assert sorted(seen) == list(range(len(lengths))), case
+
+
 def test_plans_are_deterministic_per_seed_and_epoch(tok):
     data = _dataset(tok)
     a = plan_epoch(data.lengths, Batching(256, True, rows=4), seed=3, epoch=1)

@@ -207,6 +207,25 @@ def _first_fit(lengths: np.ndarray, order: np.ndarray, capacity: int) -> list[li
     return rows
 
 
+def shard(rows: list[list[int]], lengths: np.ndarray, rank: int, size: int) -> list[list[int]]:
+    """The rows of one global micro-batch that data-parallel rank `rank` of `size` runs.
+
+    Every rank computes the same split from the same plan (no communication): rows, longest
+    first, each go to the rank holding the fewest tokens so far (the lowest rank on ties), so
+    each row is run by exactly one rank and the ranks' tokens differ by at most one row's. A
+    rank can get no row when the batch has fewer rows than ranks; it still takes part in the
+    step with an empty batch."""
+    used = [sum(int(lengths[i]) for i in row) for row in rows]
+    load = [0] * size
+    mine = []
+    for r in sorted(range(len(rows)), key=lambda r: -used[r]):
+        to = min(range(size), key=lambda k: (load[k], k))
+        load[to] += used[r]
+        if to == rank:
+            mine.append(rows[r])
+    return mine
+
+
 @dataclass(frozen=True)
 class Batch:
     inputs: np.ndarray  # int32 [B, L]
