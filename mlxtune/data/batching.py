@@ -120,7 +120,7 @@ class Batching:
 
     def padded(self, used: int) -> int:
         """The length a batch whose longest row holds `used` positions is padded to."""
-        return min(-(-max(used, 1) // PAD_MULTIPLE) * PAD_MULTIPLE, self.max_seq_len)
+        return padded_length(used, self.max_seq_len)
 
     def take(self, length: int) -> int:
         """Rows a batch padded to `length` takes."""
@@ -148,6 +148,11 @@ class Batching:
         """The most slots one micro-batch can hold (the memory plan's tokens per step)."""
         lengths = {*range(PAD_MULTIPLE, self.max_seq_len, PAD_MULTIPLE), self.max_seq_len}
         return max(self.take(n) * n for n in lengths)
+
+
+def padded_length(used: int, max_seq_len: int) -> int:
+    """A batch's length: its longest row rounded up to PAD_MULTIPLE, at most max_seq_len."""
+    return min(-(-max(used, 1) // PAD_MULTIPLE) * PAD_MULTIPLE, max_seq_len)
 
 
 def plan_epoch(
@@ -245,7 +250,7 @@ class Batch:
 
 def collate(examples: list[Encoded], rows: list[list[int]], max_seq_len: int) -> Batch:
     used = [sum(len(examples[i]) - 1 for i in row) for row in rows]
-    length = min(-(-max(used) // PAD_MULTIPLE) * PAD_MULTIPLE, max_seq_len)
+    length = padded_length(max(used), max_seq_len)
     shape = (len(rows), length)
     inputs, targets = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
     weights, segments = np.zeros(shape, np.float32), np.zeros(shape, np.int32)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -191,8 +191,6 @@ def histogram(lengths: np.ndarray, bins: int = 10, width: int = 40) -> list[str]
 def packing_lines(lengths: np.ndarray, cfg: Config) -> list[str]:
     """How full the micro-batches would be, packed and not (tokens / row slots). A row holds
     an example's inputs (its tokens but the last), as the trainer lays them out."""
-    from dataclasses import replace
-
     batching = Batching.of(cfg)
     cap = batching.max_seq_len
     fitting = np.minimum(lengths - 1, cap)
