@@ -47,6 +47,7 @@ def save(
             "index": state.position.index,
             "rng": mx.random.state[0].tolist(),
             "window": state.window,
+            "layout": state.layout,
         }
         (tmp / "state.json").write_text(json.dumps(info) + "\n", encoding="utf-8")
     if keep:
@@ -73,7 +74,12 @@ def restore(ckpt: Path, model: nn.Module, optimizer: optim.Optimizer) -> RunStat
     hi, lo = info["rng"]  # the key is the 64-bit seed in two halves: seeding restores it exactly
     mx.random.seed((hi << 32) | lo)
     mx.eval(model.parameters(), optimizer.state)
-    return RunState(info["step"], Position(info["epoch"], info["index"]), info.get("window", {}))
+    return RunState(
+        info["step"],
+        Position(info["epoch"], info["index"]),
+        info.get("window", {}),
+        info.get("layout", {}),
+    )
 
 
 def _flat(tree) -> dict[str, mx.array]:

@@ -25,7 +25,9 @@ class _UserError(click.ClickException):
     exit_code = 2
 
     def show(self, file=None) -> None:
-        click.echo(f"mlxtune: error: {self.message}", err=True)
+        from .distributed import world_from_env
+
+        click.echo(f"mlxtune: error{world_from_env().tag()}: {self.message}", err=True)
 
 
 class _Group(click.Group):
@@ -98,9 +100,20 @@ def cli() -> None:
     type=click.Path(file_okay=False),
     help="Continue the run in RUN_DIR from its newest checkpoint (its config.yaml, plus --set).",
 )
+@click.option("--hosts", metavar="H1,H2,...",
+              help="Train data-parallel on these Macs (mlx.launch, ring backend): names or IPs, "
+                   "localhost for this one; each needs the same paths and passwordless ssh. "
+                   "train.batch_tokens is per host.")  # fmt: skip
+@click.option("--hostfile", type=click.Path(dir_okay=False),
+              help="An mlx.launch hostfile (JSON: hosts, IPs, backend such as jaccl) instead of "
+                   "--hosts.")  # fmt: skip
+@click.option("--gpus", type=click.IntRange(min=1),
+              help="model.backend cuda: train data-parallel on N GPUs of this machine "
+                   "(torchrun). train.batch_tokens is per GPU.")  # fmt: skip
 @mlx_command
-def train(config, overrides, resume):
-    """Fine-tune the model described by CONFIG (YAML), or resume a run with --resume RUN_DIR."""
+def train(config, overrides, resume, hosts, hostfile, gpus):
+    """Fine-tune the model described by CONFIG (YAML), or resume a run with --resume RUN_DIR.
+    Under mlx.launch or torchrun, each process trains its share of every batch."""
     if resume and config:
         raise MlxtuneError("give CONFIG or --resume RUN_DIR, not both")
     if resume:
@@ -109,7 +122,38 @@ def train(config, overrides, resume):
         cfg = _load(config, overrides)
     else:
         raise MlxtuneError("CONFIG is required (or --resume RUN_DIR)")
+    if hosts or hostfile or gpus:
+        argv = ["train", *([config] if config else []), *(a for o in overrides for a in ("--set", o)),
+                *(["--resume", resume] if resume else [])]  # fmt: skip
+        sys.exit(_launch(cfg, argv, hosts, hostfile, gpus))
     _engine(cfg).train(cfg, resume=bool(resume), echo=click.echo)
+
+
+def _launch(cfg, argv: list[str], hosts, hostfile, gpus) -> int:
+    """Start `mlxtune <argv>` on every rank: mlx.launch for Macs, torchrun for GPUs."""
+    import subprocess
+    import tempfile
+
+    from . import distributed
+
+    if (hosts or hostfile) and gpus:
+        raise MlxtuneError("give --hosts/--hostfile (Macs, MLX) or --gpus (cuda), not both")
+    if gpus:
+        if cfg.model.backend != "cuda":
+            raise MlxtuneError("--gpus: needs model.backend cuda; Macs train on several hosts "
+                               "with --hosts")  # fmt: skip
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={gpus}", "-m", "mlxtune", *argv]  # fmt: skip
+        click.echo("launching: " + " ".join(cmd))
+        return subprocess.call(cmd)
+    if cfg.model.backend == "cuda":
+        raise MlxtuneError("--hosts: the cuda backend trains on several GPUs with --gpus (one "
+                           "machine); on several machines, run torchrun with --nnodes yourself")  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        if not hostfile:
+            hostfile = str(Path(tmp) / "hosts.json")
+            Path(hostfile).write_text(json.dumps(distributed.hostfile_for(hosts)), "utf-8")
+        return distributed.run_launch(distributed.launch_command(argv, hostfile), click.echo)
 
 
 @cli.command()
@@ -352,8 +396,14 @@ def plot(run_dir, out):
 @click.option("--ram-gb", type=float, default=None, help="Host RAM (cuda); default this machine's.")
 @click.option("--pcie-gbps", type=float, default=None,
               help="Host-to-GPU bandwidth for the time per step (cuda); default 25, PCIe 4.0 x16.")  # fmt: skip
+@click.option("--hosts", "hosts", metavar="N|H1,H2,...",
+              help="Plan data-parallel training on N Macs (a count, or the hosts' names).")  # fmt: skip
+@click.option("--gpus", type=click.IntRange(min=1), help="Plan data-parallel training on N GPUs.")
+@click.option("--link-gbps", type=float, default=None,
+              help="Bandwidth between ranks for the all-reduce; default 1.25 (10 Gb Ethernet) "
+                   "between Macs, --pcie-gbps between GPUs.")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def plan(config, overrides, vram_gb, ram_gb, pcie_gbps, as_json):
+def plan(config, overrides, vram_gb, ram_gb, pcie_gbps, hosts, gpus, link_gbps, as_json):
     """Memory plan for CONFIG before anything loads: bytes per component on the GPU (or unified
     memory) and in host RAM while training, the peaks while preparing and loading, the disk
     for the prepared copy, the bytes streamed per step and their time. Exits 1 if it does not
@@ -367,7 +417,11 @@ def plan(config, overrides, vram_gb, ram_gb, pcie_gbps, as_json):
     if vram_gb is None:
         vram_gb = 24.0 if cfg.model.backend == "cuda" else machine
     extra = {"pcie_gbps": pcie_gbps} if pcie_gbps else {}
-    p = planner.plan(cfg, vram_gb, ram_gb if ram_gb is not None else machine, **extra)
+    ranks = gpus or 1
+    if hosts:
+        ranks = int(hosts) if hosts.isdigit() else len([h for h in hosts.split(",") if h.strip()])
+    p = planner.plan(cfg, vram_gb, ram_gb if ram_gb is not None else machine, **extra,
+                     ranks=ranks, link_gbps=link_gbps)  # fmt: skip
     if as_json:
         rows = [{"name": r.name, "gpu_bytes": r.gpu, "host_bytes": r.host, "note": r.note}
                 for r in p.rows]  # fmt: skip
@@ -377,6 +431,7 @@ def plan(config, overrides, vram_gb, ram_gb, pcie_gbps, as_json):
                                "host_bytes": p.host, "phases": phases, "disk_bytes": p.disk,
                                "streamed_bytes_per_step": p.streamed_per_step,
                                "seconds_per_step_streaming": p.step_seconds,
+                               "ranks": p.ranks, "allreduce_seconds": p.allreduce_seconds,
                                "verdict": p.verdict()}, indent=2))  # fmt: skip
     else:
         click.echo(p.table())
@@ -497,11 +552,33 @@ def config_(config, overrides, keys):
 
 
 @cli.command()
+@click.option("--hosts", metavar="H1,H2,...",
+              help="Check these Macs for training together (as train --hosts): same mlxtune, "
+                   "MLX and Python, the same model and data files (with --config), and an "
+                   "all-reduce over the ring.")  # fmt: skip
+@click.option("--hostfile", type=click.Path(dir_okay=False), help="An mlx.launch hostfile.")
+@click.option("--config", type=click.Path(dir_okay=False),
+              help="With --hosts: also compare the files of this config's model and data.")  # fmt: skip
+@click.option("--fingerprint", is_flag=True, hidden=True)
+@click.option("--probe", is_flag=True, hidden=True)
 @mlx_command
-def doctor():
-    """Platform, MLX device, BLAS, memory, torch/CUDA and disk: what this machine can do."""
-    from . import env
+def doctor(hosts, hostfile, config, fingerprint, probe):
+    """Platform, MLX device, BLAS, memory, torch/CUDA and disk: what this machine can do.
+    With --hosts: whether those machines can train together."""
+    from . import distributed, env
 
+    if fingerprint:
+        click.echo(json.dumps(distributed.host_fingerprint(config)))
+        return
+    if probe:
+        from .ranks import probe as ring_probe
+
+        line = ring_probe()
+        if line:
+            click.echo(line)
+        return
+    if hosts or hostfile:
+        sys.exit(distributed.check_hosts(hosts, hostfile, config, click.echo))
     for label, value in _doctor_rows(env):
         click.echo(f"{label:<13} {value}")
 

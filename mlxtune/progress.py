@@ -28,13 +28,17 @@ def clock(seconds: float) -> str:
 
 
 class Reporter:
-    """Writes metrics rows and prints progress; `echo` receives each console line."""
+    """Writes metrics rows and prints progress; `echo` receives each console line. With
+    `write=False` (data-parallel ranks other than 0) it writes no metrics file."""
 
-    def __init__(self, metrics_path: Path, total_steps: int, echo: Callable[[str], None] | None):
-        self.path, self.total = Path(metrics_path), total_steps
+    def __init__(self, metrics_path: Path, total_steps: int, echo: Callable[[str], None] | None,
+                 write: bool = True):  # fmt: skip
+        self.path, self.total, self.write = Path(metrics_path), total_steps, write
         self.echo = echo if echo is not None else (lambda line: print(line, file=sys.stderr))
 
     def log(self, row: dict) -> None:
+        if not self.write:
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 

@@ -23,6 +23,8 @@ class RunState:
     # The progress report's running sums since the last report (loss, tokens, real, slots,
     # steps, elapsed): a resumed run's next report averages the same steps as a straight run's.
     window: dict = field(default_factory=dict)
+    # How the run was split: {"ranks": N, "batching": Batching.key()} (see distributed.py).
+    layout: dict = field(default_factory=dict)
 
 
 def clean_stale(run_dir: Path) -> list[Path]:

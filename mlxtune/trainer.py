@@ -29,14 +29,19 @@ from .data.batching import (
     Batching,
     DataOf,
     Dataset,
+    Position,
     Stream,
+    collate,
     media_arrays,
-    ordered_batches,
+    plan_epoch,
     soft_block,
+    split_rows,
 )
-from .errors import ConfigError, ModelError
+from .distributed import check_fingerprints, check_resume, fingerprint
+from .errors import ConfigError, MlxtuneError, ModelError
 from .io import atomic_folder
 from .progress import METRICS, Reporter, new_window, saved_window, truncate_metrics
+from .ranks import Ranks
 from .runs import all_checkpoints, check_run_dir, clean_stale, total_steps, write_final
 
 GATHER_MULTIPLE = 64  # loss positions pad up to this (or to the chunk), bounding compiled shapes
@@ -78,15 +83,15 @@ class Engine(DataOf):
             adapters.save(folder, self.adapter())
 
 
-def settle_checkpointing(cfg: Config) -> tuple[Config, str | None]:
+def settle_checkpointing(cfg: Config, ranks: int = 1) -> tuple[Config, str | None]:
     """train.grad_checkpoint `auto` decided by the memory plan against train.memory_gb, or this
     machine's memory (a Mac's GPU working set, else its RAM)."""
     from . import env, plan
 
     if cfg.train.memory_gb is not None:
-        return plan.settle(cfg, cfg.train.memory_gb)
+        return plan.settle(cfg, cfg.train.memory_gb, ranks=ranks)
     size = mx.device_info().get("max_recommended_working_set_size") or env.memory_bytes()[0]
-    return plan.settle(cfg, size / plan.GIB if size else None)
+    return plan.settle(cfg, size / plan.GIB if size else None, ranks=ranks)
 
 
 def setup(cfg: Config, adapter: str | Path | None = None) -> Engine:
@@ -228,34 +233,61 @@ def schedule(t: TrainConfig, total: int) -> Callable:
     )
 
 
-def evaluate(engine: Engine, data: Dataset, max_batches: int | None = None) -> dict:
-    """Validation loss (mean over target tokens) and perplexity."""
+def evaluate(engine: Engine, data: Dataset, max_batches: int | None = None,
+             ranks: Ranks | None = None) -> dict:  # fmt: skip
+    """Validation loss (mean over target tokens) and perplexity. With several ranks, each runs
+    its share of every batch and the sums are added up."""
     model, cfg = engine.model, engine.cfg
     was_training = model.training
     model.eval()
     multiple = max(cfg.train.ce_chunk_tokens, GATHER_MULTIPLE)
     chunk = cfg.train.ce_chunk_tokens
     fn = partial(batch_loss, model, engine.split, chunk, grad=False, masked=engine.masked)
-    total, tokens = 0.0, 0
-    batches = ordered_batches(data, Batching.of(cfg))
-    for batch in batches[:max_batches]:
-        total += fn(*device_arrays(batch, multiple, engine.soft)).item()
-        tokens += batch.loss_tokens
+    size, rank = (ranks.size, ranks.rank) if ranks else (1, 0)
+    batching = Batching.of(cfg, size)
+    total, tokens = mx.array(0.0), 0
+    for rows in plan_epoch(data.lengths, batching, 0, 0, shuffle=False)[:max_batches]:
+        tokens += int(data.loss_counts[[i for row in rows for i in row]].sum())
+        mine = split_rows(rows, data.lengths, size)[rank]
+        if mine:
+            batch = collate(data.examples, mine, batching.max_seq_len)
+            total = total + fn(*device_arrays(batch, multiple, engine.soft))
+            mx.eval(total)
+    total = (ranks.sum(total) if ranks else total).item()
     model.train(was_training)
     loss = total / max(tokens, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
 
 
 def train(cfg: Config, resume: bool = False, echo: Callable[[str], None] | None = None) -> Path:
-    """Fine-tune as `cfg` says; returns the run folder. `resume` continues cfg.output.dir."""
-    run_dir = check_run_dir(cfg, resume)
+    """Fine-tune as `cfg` says; returns the run folder. `resume` continues cfg.output.dir.
+
+    Under `mlx.launch` each rank runs its share of every micro-batch (see distributed.py);
+    rank 0 alone writes the run folder and prints progress."""
+    ranks = Ranks()
+    ranks.run_dir = cfg.output.dir
+    try:
+        return _train(cfg, resume, echo, ranks)
+    except RuntimeError as e:
+        lost = ranks.lost(e)
+        if lost is None:
+            raise
+        raise lost from None
+    finally:
+        ranks.release()
+
+
+def _train(cfg: Config, resume: bool, echo, ranks: Ranks) -> Path:
+    main = ranks.world.main
+    run_dir = check_run_dir(cfg, resume) if main else Path(cfg.output.dir)
     if not cfg.data.train:
         raise ConfigError("data.train: not set")
-    cfg, checkpointing = settle_checkpointing(cfg)
+    cfg, checkpointing = settle_checkpointing(cfg, ranks.size)
     engine = setup(cfg)
     cfg = engine.cfg  # setup may turn packing off for a model that cannot pack
     model, t = engine.model, cfg.train
-    say = echo or (lambda line: print(line, flush=True))
+    loud = echo or (lambda line: print(line, flush=True))
+    say = loud if main else (lambda line: None)
     for note in engine.notes + [checkpointing] * bool(checkpointing):
         say(f"note: {note}")
     train_data = engine.dataset(cfg.data.train)
@@ -263,27 +295,30 @@ def train(cfg: Config, resume: bool = False, echo: Callable[[str], None] | None 
     for name, data in (("train", train_data), ("valid", valid_data)):
         if data is not None:
             say(data.stats.line(name, cfg.data.max_seq_len))
-    if not resume:  # created only now that the model and the data have loaded
+    if ranks.size > 1:
+        check_fingerprints(ranks.gather_ints(fingerprint(train_data.examples, engine.loaded.path)))
+    if main and not resume:  # created only now that the model and the data have loaded
         with atomic_folder(run_dir, replace=True) as tmp:
             (tmp / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
-    stream = Stream(train_data, Batching.of(cfg), t.seed)
+    batching = Batching.of(cfg, ranks.size)
+    stream = Stream(train_data, batching, t.seed)
     total = total_steps(t, len(stream.plan(0)))
     optimizer = optim.AdamW(learning_rate=schedule(t, total), weight_decay=t.weight_decay)
     optimizer.init(model.trainable_parameters())
-    state = checkpoint.RunState()
+    layout = {"ranks": ranks.size, "batching": list(batching.key())}
+    state = checkpoint.RunState(layout=layout)
     if resume:
-        state = checkpoint.restore(all_checkpoints(run_dir)[-1], model, optimizer)
-        truncate_metrics(run_dir / METRICS, state.step)
-        for stale in clean_stale(run_dir):
-            say(
-                f"removed {stale.name}: left half-written by the stopped run"
-            )  # steps after it are redone
+        state = _resume(run_dir, model, optimizer, batching, ranks, say)
         say(f"resuming {run_dir} at step {state.step}/{total}")
         if state.step >= total:
             say(f"nothing to do: the run is at step {state.step}; raise train.iters to go on")
+        state = replace(state, layout=layout)
+    elif ranks.size > 1:  # the same LoRA start on every rank, whatever its RNG gave
+        model.update(ranks.broadcast(model.trainable_parameters()))
     n_params = lora.count(lora.trainable(model))
+    split = f", {ranks.size} data-parallel ranks" if ranks.size > 1 else ""
     say(f"training {n_params:,} parameters ({cfg.lora.method}, {len(engine.adapted)} modules), "
-        f"{total} steps" + ("" if engine.split else "; loss on full logits"))  # fmt: skip
+        f"{total} steps{split}" + ("" if engine.split else "; loss on full logits"))  # fmt: skip
 
     chunk, multiple = t.ce_chunk_tokens, max(t.ce_chunk_tokens, GATHER_MULTIPLE)
     step_loss = partial(batch_loss, model, engine.split, chunk, masked=engine.masked)
@@ -296,14 +331,16 @@ def train(cfg: Config, resume: bool = False, echo: Callable[[str], None] | None 
         mx.compile, inputs=[model.state, optimizer.state], outputs=[model.state, optimizer.state]
     )
     def update(grads, inv_tokens):
-        grads = tree_map(lambda g: g * inv_tokens, grads)
+        # Each rank's sum of token gradients over its share, summed over ranks, divided by the
+        # global count of target tokens: the update of one process running the whole batch.
+        grads = ranks.gradients(tree_map(lambda g: g * inv_tokens, grads))
         norm = mx.array(0.0)
         if t.max_grad_norm:
             grads, norm = optim.clip_grad_norm(grads, t.max_grad_norm)
         optimizer.update(model, grads)
         return norm
 
-    reporter = Reporter(run_dir / METRICS, total, say)
+    reporter = Reporter(run_dir / METRICS, total, say, write=main)
     model.train()
     mx.reset_peak_memory()
     window = new_window(state.window)
@@ -313,23 +350,29 @@ def train(cfg: Config, resume: bool = False, echo: Callable[[str], None] | None 
         step += 1
         grads, step_tokens = None, 0
         for _ in range(t.grad_accum):
-            batch, position = stream.take(position)
-            loss, g = micro(*device_arrays(batch, multiple, engine.soft))
+            share, position = stream.share(position, ranks.rank, ranks.size)
+            if share.batch is None:  # no row for this rank: it adds nothing to the sums
+                loss = mx.array(0.0)
+                g = tree_map(mx.zeros_like, model.trainable_parameters())
+            else:
+                loss, g = micro(*device_arrays(share.batch, multiple, engine.soft))
             grads = g if grads is None else tree_map(mx.add, grads, g)
             window["loss"] = window["loss"] + loss
-            step_tokens += batch.loss_tokens
-            window["real"] += batch.real_tokens
-            window["slots"] += batch.inputs.size
+            step_tokens += share.loss_tokens
+            window["real"] += share.real_tokens
+            window["slots"] += share.slots
         window["tokens"] += step_tokens
         window["steps"] += 1
         norm = update(grads, mx.array(1.0 / step_tokens))
         mx.eval(model.state, optimizer.state, window["loss"], norm)
         lr = optimizer.learning_rate  # the rate this step applied
         if step % t.report_every == 0 or step == total:
+            loss_sum = ranks.sum(window["loss"]).item()
+            peak = ranks.max(mx.array(mx.get_peak_memory() / 1e9)).item()
             elapsed = time.perf_counter() - window["t0"]
-            reporter.train(step, window["loss"].item() / window["tokens"], lr.item(),
+            reporter.train(step, loss_sum / window["tokens"], lr.item(),
                            window["real"] / elapsed, window["real"] / window["slots"],
-                           mx.get_peak_memory() / 1e9, elapsed / window["steps"],
+                           peak, elapsed / window["steps"],
                            grad_norm=round(norm.item(), 4), loss_tokens=window["tokens"],
                            real_tokens=window["real"], elapsed_s=round(elapsed, 4))  # fmt: skip
             window = new_window()
@@ -337,12 +380,50 @@ def train(cfg: Config, resume: bool = False, echo: Callable[[str], None] | None 
         if valid_data is not None and (
             step == total or (t.eval_every and step % t.eval_every == 0)
         ):
-            r = evaluate(engine, valid_data, t.eval_batches)
+            r = evaluate(engine, valid_data, t.eval_batches, ranks)
             reporter.valid(step, r["loss"], r["perplexity"], r["tokens"])
         if step == total or (t.save_every and step % t.save_every == 0):
-            state = checkpoint.RunState(step, position, saved_window(window))
-            checkpoint.save(run_dir, state, model, optimizer, engine.write_adapter,
-                            cfg.output.keep_checkpoints)  # fmt: skip
-    write_final(run_dir, engine.write_adapter)
+            state = checkpoint.RunState(step, position, saved_window(window), layout)
+            if ranks.size > 1:  # a checkpoint holds the window's loss summed over ranks
+                state.window["loss"] = ranks.sum(mx.array(state.window["loss"])).item()
+            if main:
+                checkpoint.save(run_dir, state, model, optimizer, engine.write_adapter,
+                                cfg.output.keep_checkpoints)  # fmt: skip
+    if main:
+        write_final(run_dir, engine.write_adapter)
     say(f"done: {run_dir}")
     return run_dir
+
+
+def _resume(run_dir: Path, model, optimizer, batching: Batching, ranks: Ranks, say):
+    """Rank 0 restores the newest checkpoint and hands it to every rank; a run resumed on
+    another number of ranks must plan the same global batches (distributed.check_resume)."""
+    answer: dict = {}
+    if ranks.world.main:
+        try:
+            state = checkpoint.restore(all_checkpoints(run_dir)[-1], model, optimizer)
+            check_resume(state.layout, batching, ranks.size)
+            answer = {"step": state.step, "epoch": state.position.epoch,
+                      "index": state.position.index, "window": state.window,
+                      "rng": np.array(mx.random.state[0]).tolist()}  # fmt: skip
+        except MlxtuneError as e:
+            if ranks.size == 1:
+                raise
+            answer = {"error": str(e), "kind": type(e).__name__}
+    answer = ranks.broadcast_json(answer)
+    if "error" in answer:
+        raise MlxtuneError(answer["error"])
+    if ranks.size > 1:
+        model.update(ranks.broadcast(model.trainable_parameters()))
+        optimizer.state = ranks.broadcast(optimizer.state)
+        hi, lo = answer["rng"]
+        mx.random.seed((hi << 32) | lo)
+    if ranks.world.main:
+        truncate_metrics(run_dir / METRICS, answer["step"])
+        for stale in clean_stale(run_dir):
+            say(f"removed {stale.name}: left half-written by the stopped run")
+    pos = Position(answer["epoch"], answer["index"])
+    window = answer["window"]
+    if not ranks.world.main:  # the saved loss is the ranks' sum: rank 0 carries it
+        window = {**window, "loss": 0.0}
+    return checkpoint.RunState(answer["step"], pos, window)

@@ -8,7 +8,15 @@ import json
 import numpy as np
 import pytest
 
-from mlxtune.data.batching import Batching, Position, Stream, collate, plan_epoch, prepare
+from mlxtune.data.batching import (
+    Batching,
+    Position,
+    Stream,
+    collate,
+    plan_epoch,
+    prepare,
+    shard,
+)
 from mlxtune.data.encode import encode
 from mlxtune.data.rows import parse_row, read_rows
 from mlxtune.errors import DataError
@@ -224,25 +232,41 @@ def test_a_token_budget_bounds_every_micro_batch_whatever_the_lengths(packing):
     assert {len(x) for x in short} == {64, 36} and {len(x) for x in long} == {2}
 
 
-def test_ranks_split_each_micro_batch_so_every_example_runs_exactly_once():
-    """Data parallel: the ranks' shards of every planned micro-batch are disjoint, together
-    hold exactly the batch, and differ in tokens by at most one row's."""
-    from mlxtune.data.batching import shard
-
-    rng = np.random.default_rng(1)
+def test_ranks_split_each_micro_batch_so_every_example_runs_exactly_once(tok):
+    """Data parallel: across ranks, every example runs exactly once per epoch (ids recorded from
+    the shares the trainers run), the shares hold exactly the global batch's tokens (the counts
+    every rank uses to normalise the step), their row counts differ by at most one, and the
+    global plan is the plan of one process with the ranks' summed budget."""
+    data = _dataset(tok, n=90)
+    for size, packing in ((2, False), (3, True), (4, False)):
+        per_rank = Batching(256, packing, tokens=256, ranks=size)
+        b = Batching(256, packing, tokens=256 * size, ranks=size)
+        assert b.key() == Batching(256, packing, tokens=256 * size).key() != per_rank.key()
+        stream = Stream(data, b, seed=1)
+        for epoch in range(2):
+            seen = []
+            for index in range(len(stream.plan(epoch))):
+                at = Position(epoch, index)
+                shares = [stream.share(at, rank, size)[0] for rank in range(size)]
+                batches = [s.batch for s in shares if s.batch is not None]
+                assert {(s.loss_tokens, s.real_tokens, s.slots) for s in shares} == {(
+                    sum(x.loss_tokens for x in batches), sum(x.real_tokens for x in batches),
+                    sum(x.inputs.size for x in batches))}  # fmt: skip
+                counts = [len(s.rows) for s in shares]
+                assert max(counts) - min(counts) <= 1
+                seen += [i for s in shares for row in s.rows for i in row]
+            assert sorted(seen) == list(range(len(data.examples))), (size, epoch)
+    rng = np.random.default_rng(1)  # and on random lengths, the split alone
     for case in range(20):
         lengths = rng.integers(1, 1025, int(rng.integers(1, 300)))
         b = Batching(1024, bool(case % 2), tokens=int(rng.choice([1024, 4096, 16384])))
         size = int(rng.choice([2, 3, 4, 8]))
-        seen = []
         for batch in plan_epoch(lengths, b, seed=case, epoch=0):
             parts = [shard(batch, lengths, k, size) for k in range(size)]
             assert sorted(map(sorted, sum(parts, []))) == sorted(map(sorted, batch)), case
             tokens = [sum(int(lengths[i]) for row in part for i in row) for part in parts]
             longest = max(sum(int(lengths[i]) for i in row) for row in batch)
             assert max(tokens) - min(tokens) <= longest, case
-            seen += [i for part in parts for row in part for i in row]
-        assert sorted(seen) == list(range(len(lengths))), case
 
 
 def test_plans_are_deterministic_per_seed_and_epoch(tok):

@@ -12,6 +12,7 @@ skipping to the saved position.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -58,9 +59,14 @@ class Dataset:
     examples: list[Encoded]
     stats: DataStats = field(default_factory=DataStats)
 
-    @property
+    @cached_property
     def lengths(self) -> np.ndarray:
         return np.array([len(e) - 1 for e in self.examples], dtype=np.int64)
+
+    @cached_property
+    def loss_counts(self) -> np.ndarray:
+        """Target tokens of each example (what `collate` weights with 1)."""
+        return np.array([int(e.loss[1:].sum()) for e in self.examples], dtype=np.int64)
 
 
 def prepare(
@@ -112,11 +118,22 @@ class Batching:
     packing: bool
     rows: int | None = None
     tokens: int | None = None
+    ranks: int = 1  # data-parallel ranks that share each micro-batch (`shard`)
 
     @classmethod
-    def of(cls, cfg) -> Batching:
-        return cls(cfg.data.max_seq_len, cfg.data.packing, cfg.train.batch_size,
-                   cfg.train.batch_tokens)  # fmt: skip
+    def of(cls, cfg, ranks: int = 1) -> Batching:
+        """The config's batching over `ranks` data-parallel ranks: `train.batch_tokens` and
+        `train.batch_size` are per rank, so the global micro-batch, planned as one process
+        would plan it, holds `ranks` times as much. N ranks with budget B plan exactly the
+        batches one process plans with budget N x B."""
+        t = cfg.train
+        rows = t.batch_size * ranks if t.batch_size else None
+        tokens = t.batch_tokens * ranks if t.batch_tokens else None
+        return cls(cfg.data.max_seq_len, cfg.data.packing, rows, tokens, ranks)
+
+    def key(self) -> tuple:
+        """What fixes the plan of every epoch (not how many ranks share it)."""
+        return (self.max_seq_len, self.packing, self.rows, self.tokens)
 
     def padded(self, used: int) -> int:
         """The length a batch whose longest row holds `used` positions is padded to."""
@@ -145,9 +162,10 @@ class Batching:
         return total
 
     def most_tokens(self) -> int:
-        """The most slots one micro-batch can hold (the memory plan's tokens per step)."""
+        """The most slots one rank's share of a micro-batch can hold (the memory plan's tokens
+        per step): a global batch of n rows gives a rank at most ceil(n / ranks) of them."""
         lengths = {*range(PAD_MULTIPLE, self.max_seq_len, PAD_MULTIPLE), self.max_seq_len}
-        return max(self.take(n) * n for n in lengths)
+        return max(-(-self.take(n) // self.ranks) * n for n in lengths)
 
 
 def padded_length(used: int, max_seq_len: int) -> int:
@@ -213,22 +231,27 @@ def _first_fit(lengths: np.ndarray, order: np.ndarray, capacity: int) -> list[li
 
 
 def shard(rows: list[list[int]], lengths: np.ndarray, rank: int, size: int) -> list[list[int]]:
-    """The rows of one global micro-batch that data-parallel rank `rank` of `size` runs.
+    """The rows of one global micro-batch that data-parallel rank `rank` of `size` runs."""
+    return split_rows(rows, lengths, size)[rank]
+
+
+def split_rows(rows: list[list[int]], lengths: np.ndarray, size: int) -> list[list[list[int]]]:
+    """One global micro-batch split across `size` data-parallel ranks.
 
     Every rank computes the same split from the same plan (no communication): rows, longest
-    first, each go to the rank holding the fewest tokens so far (the lowest rank on ties), so
-    each row is run by exactly one rank and the ranks' tokens differ by at most one row's. A
-    rank can get no row when the batch has fewer rows than ranks; it still takes part in the
-    step with an empty batch."""
+    first, each go to the rank holding the fewest rows so far, then the fewest tokens, then the
+    lowest rank. So each row is run by exactly one rank, the ranks' row counts differ by at
+    most one (a rank's memory is bounded by its share of rows), and since a batch holds rows of
+    similar length their tokens differ by at most one row's. A rank can get no row when the
+    batch has fewer rows than ranks; it still takes part in the step with an empty share."""
     used = [sum(int(lengths[i]) for i in row) for row in rows]
-    load = [0] * size
-    mine = []
+    load = [(0, 0)] * size
+    parts: list[list[list[int]]] = [[] for _ in range(size)]
     for r in sorted(range(len(rows)), key=lambda r: -used[r]):
-        to = min(range(size), key=lambda k: (load[k], k))
-        load[to] += used[r]
-        if to == rank:
-            mine.append(rows[r])
-    return mine
+        to = min(range(size), key=lambda k: (*load[k], k))
+        load[to] = (load[to][0] + 1, load[to][1] + used[r])
+        parts[to].append(rows[r])
+    return parts
 
 
 @dataclass(frozen=True)
@@ -394,6 +417,19 @@ class Position:
     index: int = 0
 
 
+@dataclass(frozen=True)
+class Share:
+    """One rank's share of a global micro-batch, and the global batch's counts (which every
+    rank computes from the plan, with no communication): the loss of a step is normalised by
+    the global count of target tokens, so N ranks update exactly as one process would."""
+
+    batch: Batch | None  # None: this rank has no row of this micro-batch
+    loss_tokens: int  # target tokens of the whole micro-batch
+    real_tokens: int  # example tokens of the whole micro-batch
+    slots: int  # row slots, padding included, summed over every rank's share
+    rows: list[list[int]] = field(default_factory=list)  # this rank's rows (example indices)
+
+
 class Stream:
     """Endless micro-batches over epochs, resumable from a Position."""
 
@@ -412,6 +448,23 @@ class Stream:
         batch = collate(self.data.examples, plan[at.index], self.batching.max_seq_len)
         after = Position(at.epoch, at.index + 1)
         return batch, after if after.index < len(plan) else Position(at.epoch + 1, 0)
+
+    def share(self, at: Position, rank: int, size: int) -> tuple[Share, Position]:
+        """Rank `rank`'s share of the micro-batch at `at` (see `split_rows`), and the position
+        after it."""
+        plan = self.plan(at.epoch)
+        rows = plan[at.index]
+        lengths = self.data.lengths
+        parts = split_rows(rows, lengths, size)
+        mine = parts[rank]
+        batch = collate(self.data.examples, mine, self.batching.max_seq_len) if mine else None
+        examples = [i for row in rows for i in row]
+        losses = self.data.loss_counts
+        slots = sum(len(p) * self.batching.padded(max(sum(int(lengths[i]) for i in r) for r in p))
+                    for p in parts if p)  # fmt: skip
+        share = Share(batch, int(losses[examples].sum()), int(lengths[examples].sum()), slots, mine)
+        after = Position(at.epoch, at.index + 1)
+        return share, after if after.index < len(plan) else Position(at.epoch + 1, 0)
 
 
 def ordered_batches(data: Dataset, batching: Batching):

@@ -41,6 +41,7 @@ MLX_GROUP = 64  # mlx quantization: a scale and a bias (in the model's dtype) pe
 MLX_BASE = -0.016 * GIB
 MLX_LOGIT_BYTES = 41  # logits, softmax, their gradient and the head's output, fp32
 MLX_SOFTCAP_BYTES = 15  # a soft-capped head's extra: scaled, tanh and its derivative
+MAC_LINK_GBPS = 1.25  # between Macs: 10 Gb Ethernet (Thunderbolt is faster: plan --link-gbps)
 
 
 @dataclass
@@ -69,6 +70,9 @@ class Plan:
     phases: dict[str, tuple[float, float]] = field(default_factory=dict)  # (gpu, host) bytes
     disk: float = 0.0  # bytes of the prepared copy (cuda)
     notes: list[str] = field(default_factory=list)
+    trainable: int = 0  # parameters trained (their gradients are what ranks all-reduce)
+    ranks: int = 1
+    allreduce_seconds: float = 0.0
 
     def add(self, name: str, gpu: float = 0.0, host: float = 0.0, note: str = "") -> None:
         if self.on_cpu:
@@ -169,20 +173,47 @@ def _at(phase: str) -> str:
 
 
 def plan(cfg: Config, device_gb: float | None = None, host_gb: float | None = None,
-         on_cpu: bool = False, pcie_gbps: float = PCIE_GBPS) -> Plan:  # fmt: skip
-    """The plan of `cfg`; `on_cpu`: the cuda backend running on a CPU (everything in RAM).
+         on_cpu: bool = False, pcie_gbps: float = PCIE_GBPS, ranks: int = 1,
+         link_gbps: float | None = None) -> Plan:  # fmt: skip
+    """The plan of `cfg` on each of `ranks` data-parallel devices; `on_cpu`: the cuda backend
+    running on a CPU (everything in RAM); `link_gbps`: the bandwidth between ranks.
 
     With `train.grad_checkpoint: auto`, the plan is made without checkpointing, and again with
     it when the first does not fit `device_gb` (as the trainers decide)."""
     if cfg.train.grad_checkpoint == "auto":
-        decided, why = settle(cfg, device_gb, host_gb, on_cpu)
-        p = plan(decided, device_gb, host_gb, on_cpu, pcie_gbps)
+        decided, why = settle(cfg, device_gb, host_gb, on_cpu, ranks=ranks)
+        p = plan(decided, device_gb, host_gb, on_cpu, pcie_gbps, ranks, link_gbps)
         p.notes.append(why or "train.grad_checkpoint auto: off (a step fits without it)")
         return p
+    p = _plan(cfg, device_gb, host_gb, on_cpu, pcie_gbps, ranks)
+    if ranks > 1:
+        _data_parallel(p, cfg, ranks, link_gbps)
+    return p
+
+
+def _data_parallel(p: Plan, cfg: Config, ranks: int, link_gbps: float | None) -> None:
+    """What N ranks add: the gradients' all-reduce per optimizer step (a ring sends and
+    receives 2 (N - 1) / N of the bytes on each link), and the global batch."""
+    link = link_gbps or (p.pcie_gbps if cfg.model.backend == "cuda" else MAC_LINK_GBPS)
+    grads = 4 * p.trainable  # fp32 gradients
+    sent = 2 * (ranks - 1) / ranks * grads
+    seconds = sent / (link * 1e9)
+    p.ranks, p.allreduce_seconds = ranks, seconds
+    p.notes.append(
+        f"data parallel: {ranks} ranks, each as planned above (its share of every micro-batch, "
+        f"at most {p.tokens:,} tokens); global micro-batch {Batching.of(cfg, ranks).tokens or 0:,}"
+        f" tokens; all-reduce of {grads / 1e6:,.1f} MB of gradients per optimizer step: about "
+        f"{seconds * 1e3:,.1f} ms at {link:g} GB/s, so a step takes one rank's step plus that, "
+        f"for up to {ranks}x the tokens/s of one"
+    )
+
+
+def _plan(cfg: Config, device_gb: float | None, host_gb: float | None, on_cpu: bool,
+          pcie_gbps: float, ranks: int) -> Plan:  # fmt: skip
     config, local = model_config(str(cfg.model.path))
     counts = counts_from_headers(local) if local is not None else counts_from_config(config)
     text = config.get("text_config", config)
-    tokens = Batching.of(cfg).most_tokens()
+    tokens = Batching.of(cfg, ranks).most_tokens()
     cuda_backend = cfg.model.backend == "cuda"
     p = Plan(str(cfg.model.path), cfg.model.backend, counts, tokens=tokens, device_gb=device_gb,
              host_gb=host_gb, dtype=_dtype(cfg, config), on_cpu=on_cpu and cuda_backend,
@@ -192,6 +223,7 @@ def plan(cfg: Config, device_gb: float | None = None, host_gb: float | None = No
           "activations": cfg.train.grad_checkpoint is True}  # fmt: skip
     p.applied = {k for k, v in on.items() if v}
     lora = lora_params(text, cfg)
+    p.trainable = lora
     p.add("LoRA + grads + AdamW", 16 * lora, note=f"{lora:,} parameters, fp32")
     if cuda_backend:
         cuda_rows(p, cfg, config, text, counts, tokens)
@@ -205,13 +237,13 @@ def _checkpointing(cfg: Config, on: bool) -> Config:
 
 
 def settle(cfg: Config, device_gb: float | None, host_gb: float | None = None,
-           on_cpu: bool = False) -> tuple[Config, str | None]:  # fmt: skip
+           on_cpu: bool = False, ranks: int = 1) -> tuple[Config, str | None]:  # fmt: skip
     """`cfg` with train.grad_checkpoint decided: `auto` is on when the plan of a step without
     checkpointing does not fit the memory given (None: unknown, so off), and a line saying why."""
     if cfg.train.grad_checkpoint != "auto":
         return cfg, None
     try:
-        off = plan(_checkpointing(cfg, False), device_gb, host_gb, on_cpu)
+        off = plan(_checkpointing(cfg, False), device_gb, host_gb, on_cpu, ranks=ranks)
     except (KeyError, TypeError, ValueError, OSError, MlxtuneError):
         # a model the planner has no formula for, or cannot find: loading says what is wrong
         return _checkpointing(cfg, False), None

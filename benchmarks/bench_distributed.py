@@ -1,0 +1,128 @@
+"""Data-parallel scaling: tokens/s of 1 process vs 2 ranks on the same model and data, for the
+MLX trainer (mlx.launch, ring backend over localhost) and the PyTorch twin (torchrun, gloo).
+
+    python benchmarks/bench_distributed.py [--backend mlx|cuda|both] [--iters N] [--work DIR]
+
+The model is SmolLM2-135M-Instruct (the real trained model `make real-model` caches), fp32; the
+data are bench_text_lora's single-turn chats. Each rank gets train.batch_tokens B (per rank, as
+users set it), so 2 ranks take 2B tokens per step. Three runs per backend:
+
+- `1 process, all cores`: what one process does with the whole machine (BLAS on every core);
+- `1 process, 1 core`: one rank's share of the machine (BLAS and torch limited to one thread);
+- `2 ranks, 1 core each`: two ranks on this machine, each limited to one thread.
+
+Throughput = the run's real tokens / its training time, from metrics.jsonl, without the first
+report window (compilation, warm-up). Scaling efficiency = 2-rank tokens/s / (2 x 1-core
+tokens/s): 100% means the all-reduce and the waiting cost nothing. On one machine the ranks share
+its cores, memory bandwidth and caches, so this shows the overhead of the collectives and the
+split, not what two Macs (each with its own cores and memory) would gain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_text_lora import make_data  # noqa: E402
+
+ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def config(work: Path, model: Path, backend: str, budget: int, iters: int) -> Path:
+    settings = {
+        "model": {"path": str(model), "backend": backend},
+        "data": {"train": str(work / "data" / "train.jsonl"), "max_seq_len": 1024},
+        "lora": {"rank": 8, "alpha": 16},
+        "train": {
+            "iters": iters,
+            "batch_tokens": budget,
+            "learning_rate": 1e-4,
+            "lr_schedule": "constant",
+            "report_every": 2,
+            "eval_every": 0,
+            "save_every": 0,
+        },  # fmt: skip
+    }
+    path = work / f"{backend}.yaml"
+    path.write_text(json.dumps(settings))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cfg: Path, out: Path, ranks: int, backend: str, threads_one: bool) -> dict:
+    exe = str(Path(sys.executable).parent / "mlxtune")
+    env = {**os.environ, "MLXTUNE_NO_REEXEC": "1", **(ONE_THREAD if threads_one else {})}
+    sets = ["--set", f"output.dir={out}", "--set", "output.overwrite=true"]
+    if ranks == 1:
+        cmd = [exe, "train", str(cfg), *sets]
+    elif backend == "mlx":
+        cmd = [exe, "train", str(cfg), *sets, "--hosts", ",".join(["localhost"] * ranks)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
+               f"--master_port={free_port()}", "-m", "mlxtune", "train", str(cfg), *sets]  # fmt: skip
+    t0 = time.perf_counter()
+    got = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    if got.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{got.stdout[-2000:]}\n{got.stderr[-2000:]}")
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["kind"] == "train"][1:]  # without compiling and warm-up
+    seconds = sum(r["elapsed_s"] for r in rows)
+    return {"tok_s": sum(r["real_tokens"] for r in rows) / seconds, "wall": wall,
+            "peak": max(r["peak_memory_gb"] for r in rows),
+            "loss": [r["loss"] for r in rows]}  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--backend", choices=["mlx", "cuda", "both"], default="both")
+    p.add_argument("--iters", type=int, default=12)
+    p.add_argument("--rows", type=int, default=48)
+    p.add_argument("--work", type=Path, default=None)
+    args = p.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from mlxtune.tiny.real import build
+
+    model = build()[0]
+    work = args.work or Path(tempfile.mkdtemp(prefix="mlxtune-dist-"))
+    (work / "data").mkdir(parents=True, exist_ok=True)
+    data = make_data(work / "data", model, args.rows, seed=0)
+    budget = int(4 * -(-data["real_tokens"] // data["rows"]))
+    print(f"SmolLM2-135M-Instruct fp32, {data['rows']} chats, train.batch_tokens={budget} per "
+          f"rank, {args.iters} steps (first report window left out); {os.cpu_count()} CPU cores")  # fmt: skip
+    backends = ["mlx", "cuda"] if args.backend == "both" else [args.backend]
+    for backend in backends:
+        cfg = config(work, model, backend, budget, args.iters)
+        runs = {
+            "1 process, all cores": run(cfg, work / f"{backend}-1all", 1, backend, False),
+            "1 process, 1 core": run(cfg, work / f"{backend}-1one", 1, backend, True),
+            "2 ranks, 1 core each": run(cfg, work / f"{backend}-2", 2, backend, True),
+        }
+        name = "MLX (mlx.launch, ring)" if backend == "mlx" else "PyTorch twin (torchrun, gloo)"
+        print(f"\n{name}")
+        print(f"{'':24}{'real tok/s':>12}{'wall s':>9}{'peak GB':>9}")
+        for label, r in runs.items():
+            print(f"{label:24}{r['tok_s']:>12,.0f}{r['wall']:>9.1f}{r['peak']:>9.2f}")
+        every, one, two = (r["tok_s"] for r in runs.values())
+        print(
+            f"scaling efficiency (2 ranks vs 2 x one 1-core process): {two / (2 * one):.0%}; "
+            f"2 ranks vs 1 process with every core: {two / every:.2f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()
