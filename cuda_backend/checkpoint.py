@@ -44,7 +44,7 @@ def save(run_dir: Path, state: RunState, model: torch.nn.Module, optimizer, writ
         write_adapter(tmp)
         info = {"step": state.step, "epoch": state.position.epoch,
                 "index": state.position.index, "rng": torch.get_rng_state().tolist(),
-                "window": state.window}  # fmt: skip
+                "window": state.window, "layout": state.layout}  # fmt: skip
         if torch.cuda.is_available():  # dropout on a GPU draws from the GPU's generators
             info["cuda_rng"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
         (tmp / "state.json").write_text(json.dumps(info) + "\n", encoding="utf-8")
@@ -77,4 +77,9 @@ def restore(ckpt: Path, model: torch.nn.Module, optimizer) -> RunState:
     cuda = info.get("cuda_rng")
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in cuda])
-    return RunState(info["step"], Position(info["epoch"], info["index"]), info.get("window", {}))
+    return RunState(
+        info["step"],
+        Position(info["epoch"], info["index"]),
+        info.get("window", {}),
+        info.get("layout", {}),
+    )

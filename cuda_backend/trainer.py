@@ -6,12 +6,19 @@ here: the model (transformers), LoRA (`lora.LoRALinear`), the chunked loss, Adam
 The loss of a step is the mean over every target token of its micro-batches; only positions that
 carry loss go through the head. Packed examples get position ids that restart at each example,
 from which transformers builds per-example attention masks.
+
+Under torchrun (WORLD_SIZE > 1) the training is data-parallel, as the MLX engine's: every rank
+plans the same global micro-batches (`Batching.of(cfg, ranks)`), runs its share of each
+(`Stream.share`), and the trained parameters' gradients, over the global count of target
+tokens, are summed over the ranks in one flat all-reduce (`ranks.Ranks.gradients`); every rank
+then takes the same clipped AdamW step. Rank 0 alone writes the run folder and prints.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -28,11 +35,16 @@ from mlxtune.data.batching import (
     Batching,
     DataOf,
     Dataset,
+    Position,
+    Share,
     Stream,
+    collate,
     media_arrays,
-    ordered_batches,
+    plan_epoch,
+    split_rows,
 )
-from mlxtune.errors import ConfigError, ModelError
+from mlxtune.distributed import check_fingerprints, check_resume, fingerprint
+from mlxtune.errors import ConfigError, MlxtuneError, ModelError
 from mlxtune.io import atomic_folder
 from mlxtune.plan.cuda import uses_cache
 from mlxtune.progress import METRICS, Reporter, new_window, saved_window, truncate_metrics
@@ -41,6 +53,7 @@ from mlxtune.runs import all_checkpoints, check_run_dir, clean_stale, total_step
 from . import assemble, checkpoint, lora, prepare
 from . import model as model_lib
 from .loss import chunked_loss
+from .ranks import Ranks, torchrun_world
 
 GATHER_MULTIPLE = 64
 
@@ -155,25 +168,31 @@ def _full_params(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: p for k, p in lora.trainable(model).items() if not k.endswith(leaves)}
 
 
-def check_fits(cfg: Config) -> tuple[Config, str | None]:
+def check_fits(cfg: Config, ranks: int = 1) -> tuple[Config, str | None]:
     """Refuse, before anything loads, a run that `mlxtune plan` says will not fit this machine
     (its GPU, or on a CPU its RAM) in any phase: preparing, loading or training. Returns `cfg`
-    with train.grad_checkpoint `auto` decided by the same plan, and the line saying so."""
+    with train.grad_checkpoint `auto` decided by the same plan, and the line saying so. With
+    `ranks` data-parallel ranks, the plan is each rank's (on its GPU, or the CPU), and the
+    ranks on this machine (torchrun's LOCAL_WORLD_SIZE) share its RAM."""
     from mlxtune import env, plan
 
     total, available = env.memory_bytes()
     host = total or available  # the machine's RAM, as `mlxtune plan` counts it
+    if ranks > 1:
+        host = host and host / max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
     on_cpu = not torch.cuda.is_available()
     gpu = None
     if not on_cpu:
-        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(0)
-        gpu = torch.cuda.get_device_properties(0).total_memory * fraction / plan.GIB
+        device = torch.cuda.current_device()  # this rank's GPU under torchrun
+        get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)
+        gpu = torch.cuda.get_device_properties(device).total_memory * get_fraction(device)
+        gpu /= plan.GIB
     host_gb = host / plan.GIB if host else None
     if cfg.train.memory_gb is not None:  # the user's budget for the step, on the GPU or the CPU
         gpu, host_gb = (gpu, cfg.train.memory_gb) if on_cpu else (cfg.train.memory_gb, host_gb)
-    cfg, why = plan.settle(cfg, gpu, host_gb, on_cpu)
+    cfg, why = plan.settle(cfg, gpu, host_gb, on_cpu, ranks=ranks)
     try:
-        p = plan.plan(cfg, gpu, host_gb, on_cpu=on_cpu)
+        p = plan.plan(cfg, gpu, host_gb, on_cpu=on_cpu, ranks=ranks)
     except (KeyError, TypeError, ValueError):  # a config the planner has no formula for
         return cfg, why
     if not p.fits:
@@ -230,34 +249,78 @@ def schedule(t: TrainConfig, total: int) -> Callable[[int], float]:
     return factor
 
 
-def evaluate(engine: Engine, data: Dataset, max_batches: int | None = None) -> dict:
-    """Validation loss (mean over target tokens) and perplexity."""
+def evaluate(engine: Engine, data: Dataset, max_batches: int | None = None,
+             ranks: Ranks | None = None) -> dict:  # fmt: skip
+    """Validation loss (mean over target tokens) and perplexity. With several ranks, each runs
+    its share of every batch (the global plan of `Batching.of(cfg, ranks)`) and the sums are
+    added up."""
     cfg, model = engine.cfg, engine.model
     was_training = model.training
     model.eval()
+    size, rank = (ranks.size, ranks.rank) if ranks else (1, 0)
+    batching = Batching.of(cfg, size)
     total, tokens = 0.0, 0
-    batches = ordered_batches(data, Batching.of(cfg))
     with torch.no_grad():
-        for batch in batches[:max_batches]:
-            total += float(batch_loss(engine, *device_arrays(engine, batch, GATHER_MULTIPLE),
-                                      grad=False))  # fmt: skip
-            tokens += batch.loss_tokens
+        for rows in plan_epoch(data.lengths, batching, 0, 0, shuffle=False)[:max_batches]:
+            tokens += int(data.loss_counts[[i for row in rows for i in row]].sum())
+            mine = rows if size == 1 else split_rows(rows, data.lengths, size)[rank]
+            if mine:
+                batch = collate(data.examples, mine, batching.max_seq_len)
+                total += float(batch_loss(engine, *device_arrays(engine, batch, GATHER_MULTIPLE),
+                                          grad=False))  # fmt: skip
+    total = ranks.sum(total) if ranks else total
     model.train(was_training)
     loss = total / max(tokens, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
 
 
 def train(cfg: Config, resume: bool = False, echo: Callable[[str], None] | None = None) -> Path:
-    """Fine-tune as `cfg` says; returns the run folder. `resume` continues cfg.output.dir."""
-    run_dir = check_run_dir(cfg, resume)
+    """Fine-tune as `cfg` says; returns the run folder. `resume` continues cfg.output.dir.
+
+    Under torchrun each rank runs its share of every micro-batch (mlxtune/distributed.py);
+    rank 0 alone writes the run folder and prints progress."""
+    if torchrun_world().size > 1 and cfg.lora.method == "full":
+        raise ConfigError("lora.method: full fine-tuning over several ranks is not supported "
+                          "yet; train it in one process, or use lora or dora")  # fmt: skip
+    ranks = Ranks.start(on_cuda=model_lib.device().type == "cuda")
+    ranks.run_dir = cfg.output.dir
+    failed = True
+    try:
+        run_dir = _train(cfg, resume, echo, ranks)
+        failed = False
+        return run_dir
+    except RuntimeError as e:
+        lost = ranks.lost(e)
+        if lost is None:
+            raise
+        raise lost from None
+    finally:
+        ranks.close(failed)
+
+
+def _share(stream: Stream, position: Position, ranks: Ranks) -> tuple[Share, Position]:
+    """This rank's share of the next micro-batch; one process takes the whole batch, as
+    before (its rows in the plan's order)."""
+    if ranks.size > 1:
+        return stream.share(position, ranks.rank, ranks.size)
+    batch, position = stream.take(position)
+    return Share(batch, batch.loss_tokens, batch.real_tokens, batch.inputs.size), position
+
+
+def _train(cfg: Config, resume: bool, echo, ranks: Ranks) -> Path:
+    main = ranks.main
+    run_dir = check_run_dir(cfg, resume) if main else Path(cfg.output.dir)
     if not cfg.data.train:
         raise ConfigError("data.train: not set")
-    say = echo or (lambda line: print(line, flush=True))
-    cfg, checkpointing = check_fits(cfg)
+    loud = echo or (lambda line: print(line, flush=True))
+    say = loud if main else (lambda line: None)
+    cfg, checkpointing = check_fits(cfg, ranks.size)
     if checkpointing:
         say(f"note: {checkpointing}")
     if uses_cache(cfg.model):  # the one-time copy, with its progress, before loading
-        prepare.prepare(cfg.model, say)
+        if main:  # the other ranks wait for it, then load it as it is
+            prepare.prepare(cfg.model, say)
+        ranks.barrier()
     engine = setup(cfg)
     model, t = engine.model, cfg.train
     train_data = engine.dataset(cfg.data.train)
@@ -265,25 +328,33 @@ def train(cfg: Config, resume: bool = False, echo: Callable[[str], None] | None 
     for name, data in (("train", train_data), ("valid", valid_data)):
         if data is not None:
             say(data.stats.line(name, cfg.data.max_seq_len))
-    if not resume:
+    if ranks.size > 1:
+        check_fingerprints(ranks.gather_object(fingerprint(train_data.examples,
+                                                           engine.loaded.path)))  # fmt: skip
+    if main and not resume:
         with atomic_folder(run_dir, replace=True) as tmp:
             (tmp / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
-    stream = Stream(train_data, Batching.of(cfg), t.seed)
+    batching = Batching.of(cfg, ranks.size)
+    stream = Stream(train_data, batching, t.seed)
     total = total_steps(t, len(stream.plan(0)))
     params = list(lora.trainable(model).values())
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
     lr_at = schedule(t, total)
-    state = checkpoint.RunState()
+    layout = {"ranks": ranks.size, "batching": list(batching.key())}
+    state = checkpoint.RunState(layout=layout)
     if resume:
-        state = checkpoint.restore(all_checkpoints(run_dir)[-1], model, optimizer)
-        truncate_metrics(run_dir / METRICS, state.step)
-        for stale in clean_stale(run_dir):
-            say(f"removed {stale.name}: left half-written by the stopped run")
+        state = _resume(run_dir, model, optimizer, batching, ranks, say)
         say(f"resuming {run_dir} at step {state.step}/{total}")
+        if state.step >= total:
+            say(f"nothing to do: the run is at step {state.step}; raise train.iters to go on")
+        state = replace(state, layout=layout)
+    elif ranks.size > 1:  # the same start on every rank, whatever its RNG gave
+        ranks.broadcast(params)
+    split = f", {ranks.size} data-parallel ranks" if ranks.size > 1 else ""
     say(f"training {lora.count(lora.trainable(model)):,} parameters ({cfg.lora.method}, "
-        f"{len(engine.adapted)} modules) on {engine.loaded.device}, {total} steps"
+        f"{len(engine.adapted)} modules) on {engine.loaded.device}, {total} steps{split}"
         + ("" if engine.split else "; loss on full logits"))  # fmt: skip
-    reporter = Reporter(run_dir / METRICS, total, say)
+    reporter = Reporter(run_dir / METRICS, total, say, write=main)
     offload = (
         t.offload_checkpoints and t.grad_checkpoint is True and engine.loaded.device.type == "cuda"
     )
@@ -299,42 +370,114 @@ def train(cfg: Config, resume: bool = False, echo: Callable[[str], None] | None 
             group["lr"] = t.learning_rate * lr_at(step - 1)
         step_tokens = 0
         for _ in range(t.grad_accum):
-            batch, position = stream.take(position)
-            arena.reset()  # the previous micro-batch's backward is done
-            with layer_inputs_on_host(arena, width) if offload else contextlib.nullcontext():
-                loss = batch_loss(engine, *device_arrays(engine, batch, GATHER_MULTIPLE))
-            loss.backward()
-            window["loss"] += float(loss.detach())
-            step_tokens += batch.loss_tokens
-            window["real"] += batch.real_tokens
-            window["slots"] += batch.inputs.size
-        for p in params:  # the step's loss is the mean over all its target tokens
-            if p.grad is not None:
-                p.grad.mul_(1.0 / max(step_tokens, 1))
+            share, position = _share(stream, position, ranks)
+            if share.batch is not None:  # else: no row for this rank, it adds nothing
+                arena.reset()  # the previous micro-batch's backward is done
+                with layer_inputs_on_host(arena, width) if offload else contextlib.nullcontext():
+                    loss = batch_loss(engine, *device_arrays(engine, share.batch,
+                                                             GATHER_MULTIPLE))  # fmt: skip
+                loss.backward()
+                window["loss"] += float(loss.detach())
+            step_tokens += share.loss_tokens
+            window["real"] += share.real_tokens
+            window["slots"] += share.slots
+        # The step's loss is the mean over all its target tokens: each rank's sum of token
+        # gradients over its shares, summed over ranks, divided by the global count.
+        if ranks.size > 1:
+            ranks.gradients(params, 1.0 / max(step_tokens, 1))
+        else:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(1.0 / max(step_tokens, 1))
         norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         window["tokens"] += step_tokens
         window["steps"] += 1
         if step % t.report_every == 0 or step == total:
+            loss_sum = ranks.sum(window["loss"])
+            peak = ranks.max(_peak_gb(engine))
             elapsed = time.perf_counter() - window["t0"]
-            reporter.train(step, window["loss"] / window["tokens"], optimizer.param_groups[0]["lr"],
+            reporter.train(step, loss_sum / window["tokens"], optimizer.param_groups[0]["lr"],
                            window["real"] / elapsed, window["real"] / window["slots"],
-                           _peak_gb(engine), elapsed / window["steps"],
+                           peak, elapsed / window["steps"],
                            grad_norm=round(float(norm), 4), loss_tokens=window["tokens"],
                            real_tokens=window["real"], elapsed_s=round(elapsed, 4))  # fmt: skip
             window = new_window()
         if valid_data is not None and (
             step == total or (t.eval_every and step % t.eval_every == 0)
         ):
-            r = evaluate(engine, valid_data, t.eval_batches)
+            r = evaluate(engine, valid_data, t.eval_batches, ranks)
             reporter.valid(step, r["loss"], r["perplexity"], r["tokens"])
         if step == total or (t.save_every and step % t.save_every == 0):
-            checkpoint.save(run_dir, checkpoint.RunState(step, position, saved_window(window)), model, optimizer,
-                            engine.write_adapter, cfg.output.keep_checkpoints)  # fmt: skip
-    write_final(run_dir, engine.write_adapter)
+            state = checkpoint.RunState(step, position, saved_window(window), layout)
+            if ranks.size > 1:  # a checkpoint holds the window's loss summed over ranks
+                state.window["loss"] = ranks.sum(state.window["loss"])
+            if main:
+                checkpoint.save(run_dir, state, model, optimizer, engine.write_adapter,
+                                cfg.output.keep_checkpoints)  # fmt: skip
+    if main:
+        write_final(run_dir, engine.write_adapter)
     say(f"done: {run_dir}")
     return run_dir
+
+
+def _resume(run_dir: Path, model: nn.Module, optimizer, batching: Batching, ranks: Ranks, say):
+    """Rank 0 restores the newest checkpoint and hands it to every rank (parameters, AdamW's
+    moments and steps, the RNG state, the run state); a run resumed on another number of ranks
+    must plan the same global batches (distributed.check_resume)."""
+    answer: dict = {}
+    if ranks.main:
+        try:
+            state = checkpoint.restore(all_checkpoints(run_dir)[-1], model, optimizer)
+            check_resume(state.layout, batching, ranks.size)
+            answer = {"step": state.step, "epoch": state.position.epoch,
+                      "index": state.position.index, "window": state.window,
+                      "moments": _moment_shapes(optimizer)}  # fmt: skip
+        except MlxtuneError as e:
+            if ranks.size == 1:
+                raise
+            answer = {"error": str(e)}
+    answer = ranks.broadcast_object(answer)
+    if "error" in answer:
+        raise MlxtuneError(answer["error"])
+    if ranks.size > 1:
+        params = list(lora.trainable(model).values())
+        moments = []
+        for i, slot, shape, dtype, on_cpu in answer["moments"]:
+            p = params[i]
+            if not ranks.main:  # AdamW's state as rank 0 has it, to be filled in
+                optimizer.state.setdefault(p, {})[slot] = torch.zeros(
+                    shape, dtype=getattr(torch, dtype), device="cpu" if on_cpu else p.device
+                )
+            moments.append(optimizer.state[p][slot])
+        rng = torch.get_rng_state()
+        ranks.broadcast([*params, *moments, rng])
+        torch.set_rng_state(rng)
+        if torch.cuda.is_available():  # this rank's GPU draws as rank 0's did
+            cuda_rng = torch.cuda.get_rng_state()
+            ranks.broadcast([cuda_rng])
+            torch.cuda.set_rng_state(cuda_rng)
+    if ranks.main:
+        truncate_metrics(run_dir / METRICS, answer["step"])
+        for stale in clean_stale(run_dir):
+            say(f"removed {stale.name}: left half-written by the stopped run")
+    window = answer["window"]
+    if not ranks.main:  # the saved loss is the ranks' sum: rank 0 carries it
+        window = {**window, "loss": 0.0}
+    return checkpoint.RunState(answer["step"], Position(answer["epoch"], answer["index"]), window)
+
+
+def _moment_shapes(optimizer) -> list:
+    """AdamW's state, described for ranks that have none yet: (parameter index, slot, shape,
+    dtype, on the CPU) of each tensor, in order."""
+    out = []
+    for i, p in enumerate(optimizer.param_groups[0]["params"]):
+        for slot, value in optimizer.state.get(p, {}).items():
+            if torch.is_tensor(value):
+                out.append((i, slot, tuple(value.shape), str(value.dtype).removeprefix("torch."),
+                            value.device.type == "cpu"))  # fmt: skip
+    return out
 
 
 def layer_inputs_on_host(arena, width: int, device_type: str = "cuda", seen: list | None = None):

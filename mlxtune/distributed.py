@@ -42,6 +42,24 @@ class World:
         return f" (rank {self.rank} of {self.size})" if self.size > 1 else ""
 
 
+class OnWorld:
+    """A backend's ranks: its `world`, with the rank's numbers at hand."""
+
+    world: World
+
+    @property
+    def size(self) -> int:
+        return self.world.size
+
+    @property
+    def rank(self) -> int:
+        return self.world.rank
+
+    @property
+    def main(self) -> bool:
+        return self.world.main
+
+
 def world_from_env() -> World:
     """The rank and world size the launcher put in the environment: mlx.launch (MLX_RANK, and
     the ranks listed in MLX_HOSTFILE) or torchrun (RANK, WORLD_SIZE); one rank when neither."""
@@ -58,6 +76,13 @@ def world_from_env() -> World:
                 size = 1
         return World(int(env["MLX_RANK"]), int(size))
     return World()
+
+
+def lost_rank(why, run_dir) -> MlxtuneError:
+    """The one line a rank stops with when another rank went away (killed, failed, unreachable):
+    both backends say the same, with the way to continue."""
+    return MlxtuneError(f"stopped: lost another rank ({why}); its own message, if it left one, "
+                        f"is above; continue with --resume {run_dir}")  # fmt: skip
 
 
 def fingerprint(examples, model_path) -> list[int]:

@@ -17,13 +17,13 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from .distributed import World
+from .distributed import OnWorld, World, lost_rank
 from .errors import MlxtuneError
 
 LOST = ("[ring]", "[jaccl]", "[mpi]", "peer")  # what a collective says when a rank went away
 
 
-class Ranks:
+class Ranks(OnWorld):
     def __init__(self) -> None:
         self.group = mx.distributed.init()
         self.world = World(self.group.rank(), self.group.size())
@@ -36,16 +36,7 @@ class Ranks:
         raise self._lost("the launcher stopped this one")
 
     def _lost(self, why) -> MlxtuneError:
-        return MlxtuneError(f"stopped: lost another rank ({why}); its own message, if it left "
-                            f"one, is above; continue with --resume {self.run_dir}")  # fmt: skip
-
-    @property
-    def size(self) -> int:
-        return self.world.size
-
-    @property
-    def rank(self) -> int:
-        return self.world.rank
+        return lost_rank(why, self.run_dir)
 
     def sum(self, x: mx.array) -> mx.array:
         return mx.distributed.all_sum(x, group=self.group) if self.size > 1 else x

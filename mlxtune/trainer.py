@@ -278,7 +278,7 @@ def train(cfg: Config, resume: bool = False, echo: Callable[[str], None] | None 
 
 
 def _train(cfg: Config, resume: bool, echo, ranks: Ranks) -> Path:
-    main = ranks.world.main
+    main = ranks.main
     run_dir = check_run_dir(cfg, resume) if main else Path(cfg.output.dir)
     if not cfg.data.train:
         raise ConfigError("data.train: not set")
@@ -399,7 +399,7 @@ def _resume(run_dir: Path, model, optimizer, batching: Batching, ranks: Ranks, s
     """Rank 0 restores the newest checkpoint and hands it to every rank; a run resumed on
     another number of ranks must plan the same global batches (distributed.check_resume)."""
     answer: dict = {}
-    if ranks.world.main:
+    if ranks.main:
         try:
             state = checkpoint.restore(all_checkpoints(run_dir)[-1], model, optimizer)
             check_resume(state.layout, batching, ranks.size)
@@ -418,12 +418,12 @@ def _resume(run_dir: Path, model, optimizer, batching: Batching, ranks: Ranks, s
         optimizer.state = ranks.broadcast(optimizer.state)
         hi, lo = answer["rng"]
         mx.random.seed((hi << 32) | lo)
-    if ranks.world.main:
+    if ranks.main:
         truncate_metrics(run_dir / METRICS, answer["step"])
         for stale in clean_stale(run_dir):
             say(f"removed {stale.name}: left half-written by the stopped run")
     pos = Position(answer["epoch"], answer["index"])
     window = answer["window"]
-    if not ranks.world.main:  # the saved loss is the ranks' sum: rank 0 carries it
+    if not ranks.main:  # the saved loss is the ranks' sum: rank 0 carries it
         window = {**window, "loss": 0.0}
     return checkpoint.RunState(answer["step"], pos, window)

@@ -155,6 +155,7 @@ def _rank_pid(rank: int, marker: str) -> int | None:
     return None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds ranks through /proc")
 def test_a_killed_rank_stops_the_other_and_the_run_resumes_to_the_same_adapter(tiny, tmp_path):
     """SIGKILL rank 1 mid-run: rank 0 stops within seconds with one line, the command exits
