@@ -55,8 +55,8 @@ fmt:
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# Side-by-side with the anchors; ~70 minutes on a 2-core CPU (bench_text_lora's three real
-# shapes ~45 of them, bench_multimodal ~15). mlx-vlm, the multimodal anchor, is installed here only.
+# Side-by-side with the anchors; ~2 hours on a 2-core CPU (bench_text_lora's three real
+# shapes ~45 minutes, bench_multimodal ~15, bench_distributed ~45). mlx-vlm, the multimodal anchor, is installed here only.
 bench:
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(PRELOAD) $(BIN)/python benchmarks/bench_blas.py
@@ -67,6 +67,7 @@ bench:
 	$(PRELOAD) $(BIN)/python benchmarks/bench_text_lora.py --shape smollm2 --rows 32
 	$(PRELOAD) $(BIN)/python benchmarks/bench_text_lora.py --shape gemma4-e2b --rows 12
 	$(PRELOAD) $(BIN)/python benchmarks/bench_text_lora.py --shape llama3-8b --rows 8
+	$(PRELOAD) $(BIN)/python benchmarks/bench_distributed.py
 	$(PRELOAD) $(BIN)/python benchmarks/bench_multimodal.py --rows 96
 	$(BIN)/python benchmarks/bench_fusion.py
 

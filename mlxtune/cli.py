@@ -149,6 +149,8 @@ def _launch(cfg, argv: list[str], hosts, hostfile, gpus) -> int:
     if cfg.model.backend == "cuda":
         raise MlxtuneError("--hosts: the cuda backend trains on several GPUs with --gpus (one "
                            "machine); on several machines, run torchrun with --nnodes yourself")  # fmt: skip
+    if not hostfile and distributed.all_local(hosts):
+        return distributed.run_local(argv, distributed.all_local(hosts), click.echo)
     with tempfile.TemporaryDirectory() as tmp:
         if not hostfile:
             hostfile = str(Path(tmp) / "hosts.json")
@@ -565,7 +567,7 @@ def config_(config, overrides, keys):
 def doctor(hosts, hostfile, config, fingerprint, probe):
     """Platform, MLX device, BLAS, memory, torch/CUDA and disk: what this machine can do.
     With --hosts: whether those machines can train together."""
-    from . import distributed, env
+    from . import distributed, env  # stdlib only (numpy's BLAS would confuse the blas row)
 
     if fingerprint:
         click.echo(json.dumps(distributed.host_fingerprint(config)))

@@ -13,13 +13,12 @@ import json
 import os
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
 import zlib
 from dataclasses import dataclass
-
-import numpy as np
 
 from .errors import ConfigError, MlxtuneError
 
@@ -88,6 +87,8 @@ def lost_rank(why, run_dir) -> MlxtuneError:
 def fingerprint(examples, model_path) -> list[int]:
     """Numbers every rank must agree on before training: the examples (count and a CRC of
     their token ids and loss masks) and the model's config.json. Non-negative int32s."""
+    import numpy as np  # here: the CLI imports this module, and numpy is not light
+
     crc = 0
     for e in examples:
         crc = zlib.crc32(np.asarray(e.ids, np.int64).tobytes(), crc)
@@ -167,40 +168,111 @@ def run_launch(cmd: list[str], echo) -> int:
     rank that failed. mlx.launch stops the other ranks when one fails but exits 0 itself (it
     only warns), so its warnings and the ranks' `error` lines decide the exit code here."""
     echo("launching: " + " ".join(shlex.quote(c) for c in cmd))
-    failed: list[str] = []
-    errors = 0
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          bufsize=1) as p:  # fmt: skip
+    watch = _Watch(echo)
+    with subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, bufsize=1) as p:  # fmt: skip
         assert p.stdout is not None
         for line in p.stdout:
             line = line.rstrip("\n")
             warned = re.search(r"Node with rank (\d+) (exited with code (-?\d+)|was killed)", line)
             if warned is None:
-                echo(line)
-                errors += line.startswith("mlxtune: error") and "lost another rank" not in line
-                continue
-            rank, code = int(warned.group(1)), warned.group(3)
-            if code is not None and int(code) < 0:
-                failed.append(f"rank {rank} was killed by signal {-int(code)}")
-            elif code is not None:
-                failed.append(f"rank {rank} exited with code {code}")
-    if failed and not errors:
-        echo("mlxtune: error: " + "; ".join(failed[:1]) + ", and mlx.launch stopped the others")
-    return 1 if failed or errors or p.returncode else 0
+                watch.line(line)
+            elif warned.group(3) is not None:
+                watch.exited(int(warned.group(1)), int(warned.group(3)))
+    return watch.verdict("mlx.launch stopped the others") or p.returncode
 
 
-def planned_ranks(hosts: str | None, hostfile: str | None, gpus: int | None) -> int:
-    """How many ranks a --hosts / --hostfile / --gpus option asks for."""
-    if gpus:
-        return gpus
-    if hostfile:
+def run_local(argv: list[str], ranks: int, echo) -> int:
+    """`mlxtune <argv>` as `ranks` ranks on this machine, over the ring backend on 127.0.0.1,
+    with the environment mlx.launch gives local ranks (MLX_RANK, MLX_HOSTFILE listing each
+    rank's address). Started here rather than by mlx.launch because its output loop polls the
+    ranks' stdin and spins on a core the whole run, which local ranks need. When a rank fails,
+    the others get SIGTERM (and stop with one line), as under mlx.launch."""
+    import queue
+    import tempfile
+    import threading
+
+    ports = []
+    for _ in range(ranks):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    watch = _Watch(echo)
+    lines: queue.Queue = queue.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        ring = os.path.join(tmp, "ring.json")
+        with open(ring, "w", encoding="utf-8") as f:
+            json.dump([[f"127.0.0.1:{port}"] for port in ports], f)
+        echo(f"launching {ranks} ranks on this machine (ring backend, ports "
+             f"{', '.join(map(str, ports))})")  # fmt: skip
+        procs = []
+        for rank in range(ranks):
+            env = {**os.environ, "MLX_RANK": str(rank), "MLX_HOSTFILE": ring}
+            procs.append(subprocess.Popen([sys.executable, "-m", "mlxtune", *argv], env=env,
+                                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True, bufsize=1))  # fmt: skip
+
+        def pump(rank: int, stream) -> None:
+            for line in stream:
+                lines.put((rank, line.rstrip("\n")))
+            lines.put((rank, None))
+
+        for rank, proc in enumerate(procs):
+            threading.Thread(target=pump, args=(rank, proc.stdout), daemon=True).start()
+        running = ranks
+
+        def stop(signum, frame):  # killed itself: take the ranks down too (the finally below)
+            raise SystemExit(128 + signum)
+
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, stop) if main_thread else None
         try:
-            with open(hostfile, encoding="utf-8") as f:
-                data = json.load(f)
-            return len(data["hosts"] if isinstance(data, dict) else data)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"--hostfile {hostfile}: {e}") from None
-    return len([h for h in (hosts or "").split(",") if h.strip()]) or 1
+            while running:
+                rank, line = lines.get()
+                if line is not None:
+                    watch.line(line)
+                    continue
+                running -= 1
+                code = procs[rank].wait()
+                if code:
+                    watch.exited(rank, code)
+                    for other in procs:
+                        if other.poll() is None:
+                            other.terminate()
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+    return watch.verdict("the others were stopped")
+
+
+class _Watch:
+    """The ranks' output, passed through, and what it says about how they ended."""
+
+    def __init__(self, echo) -> None:
+        self.echo, self.failed, self.errors = echo, [], 0
+
+    def line(self, line: str) -> None:
+        self.echo(line)
+        self.errors += line.startswith("mlxtune: error") and "lost another rank" not in line
+
+    def exited(self, rank: int, code: int) -> None:
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        self.failed.append(f"rank {rank} {how}")
+
+    def verdict(self, stopped: str) -> int:
+        """1 when a rank failed; a closing line when none said why itself."""
+        if self.failed and not self.errors:
+            self.echo(f"mlxtune: error: {self.failed[0]}, and {stopped}")
+        return 1 if self.failed or self.errors else 0
+
+
+def all_local(hosts: str | None) -> int:
+    """How many ranks `--hosts` asks for when every one is this machine; 0 otherwise."""
+    names = [h.strip() for h in (hosts or "").split(",") if h.strip()]
+    return len(names) if names and all(n in LOCAL_HOSTS for n in names) else 0
 
 
 def host_fingerprint(config: str | None) -> dict:
@@ -286,12 +358,15 @@ def check_hosts(hosts: str | None, hostfile: str | None, config: str | None, ech
     if problems:
         echo(f"not ready: {problems} host(s) differ or cannot be reached")
         return 1
+    lines: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
-        if not hostfile:
-            hostfile = str(Path(tmp) / "hosts.json")
-            Path(hostfile).write_text(json.dumps(data), "utf-8")
-        lines: list[str] = []
-        code = run_launch(launch_command(["doctor", "--probe"], hostfile), lines.append)
+        if all_local(hosts):
+            code = run_local(["doctor", "--probe"], all_local(hosts), lines.append)
+        else:
+            if not hostfile:
+                hostfile = str(Path(tmp) / "hosts.json")
+                Path(hostfile).write_text(json.dumps(data), "utf-8")
+            code = run_launch(launch_command(["doctor", "--probe"], hostfile), lines.append)
     for line in lines[1:]:
         echo(line)
     if code:

@@ -157,7 +157,12 @@ def test_two_ranks_take_the_steps_of_one_process_with_twice_the_batch(
         extra = [*extra, f"data.train={media[0]}", f"data.valid={media[1]}"]
     model = tiny(arch)
     two = tmp_path / "two" / "run"
-    r = _run(_launch([str(config)], _sets(model, two, tokens, *extra)))
+    sets = _sets(model, two, tokens, *extra)
+    if case == "llama":  # through `mlxtune train --gpus 2`, which starts torchrun itself
+        r = _run([sys.executable, "-m", "mlxtune", "train", str(config),
+                  *(a for s in sets for a in ("--set", s)), "--gpus", str(RANKS)])  # fmt: skip
+    else:
+        r = _run(_launch([str(config)], sets))
     one = ttrainer.train(
         load_config(None, ["model.backend=cuda", *_sets(model, tmp_path / "one" / "run",
                                                          RANKS * tokens, *extra)]),
