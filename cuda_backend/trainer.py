@@ -22,6 +22,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -43,12 +44,12 @@ from mlxtune.data.batching import (
     plan_epoch,
     split_rows,
 )
-from mlxtune.distributed import check_fingerprints, check_resume, fingerprint
-from mlxtune.errors import ConfigError, MlxtuneError, ModelError
+from mlxtune.distributed import check_fingerprints, checkpoint_to_all, fingerprint, resumed_state
+from mlxtune.errors import ConfigError, ModelError
 from mlxtune.io import atomic_folder
 from mlxtune.plan.cuda import uses_cache
-from mlxtune.progress import METRICS, Reporter, new_window, saved_window, truncate_metrics
-from mlxtune.runs import all_checkpoints, check_run_dir, clean_stale, total_steps, write_final
+from mlxtune.progress import METRICS, Reporter, new_window, saved_window
+from mlxtune.runs import check_run_dir, total_steps, write_final
 
 from . import assemble, checkpoint, lora, prepare
 from . import model as model_lib
@@ -426,21 +427,15 @@ def _resume(run_dir: Path, model: nn.Module, optimizer, batching: Batching, rank
     """Rank 0 restores the newest checkpoint and hands it to every rank (parameters, AdamW's
     moments and steps, the RNG state, the run state); a run resumed on another number of ranks
     must plan the same global batches (distributed.check_resume)."""
-    answer: dict = {}
-    if ranks.main:
-        try:
-            state = checkpoint.restore(all_checkpoints(run_dir)[-1], model, optimizer)
-            check_resume(state.layout, batching, ranks.size)
-            answer = {"step": state.step, "epoch": state.position.epoch,
-                      "index": state.position.index, "window": state.window,
-                      "moments": _moment_shapes(optimizer)}  # fmt: skip
-        except MlxtuneError as e:
-            if ranks.size == 1:
-                raise
-            answer = {"error": str(e)}
-    answer = ranks.broadcast_object(answer)
-    if "error" in answer:
-        raise MlxtuneError(answer["error"])
+    restore = partial(checkpoint.restore, model=model, optimizer=optimizer)
+    answer = checkpoint_to_all(
+        ranks,
+        run_dir,
+        restore,
+        batching,
+        ranks.broadcast_object,
+        lambda: {"moments": _moment_shapes(optimizer)},
+    )
     if ranks.size > 1:
         params = list(lora.trainable(model).values())
         moments = []
@@ -458,14 +453,7 @@ def _resume(run_dir: Path, model: nn.Module, optimizer, batching: Batching, rank
             cuda_rng = torch.cuda.get_rng_state()
             ranks.broadcast([cuda_rng])
             torch.cuda.set_rng_state(cuda_rng)
-    if ranks.main:
-        truncate_metrics(run_dir / METRICS, answer["step"])
-        for stale in clean_stale(run_dir):
-            say(f"removed {stale.name}: left half-written by the stopped run")
-    window = answer["window"]
-    if not ranks.main:  # the saved loss is the ranks' sum: rank 0 carries it
-        window = {**window, "loss": 0.0}
-    return checkpoint.RunState(answer["step"], Position(answer["epoch"], answer["index"]), window)
+    return resumed_state(ranks, run_dir, answer, say)
 
 
 def _moment_shapes(optimizer) -> list:

@@ -134,6 +134,47 @@ def check_resume(saved: dict, batching, ranks: int) -> None:
     )
 
 
+def checkpoint_to_all(ranks, run_dir, restore, batching, share, extra=dict) -> dict:
+    """The first half of a resume, on either backend: rank 0 restores the newest checkpoint
+    (`restore(folder) -> RunState`), checks it plans the same global batches, and `share`s
+    (the backend's broadcast of a JSON-able object) its state, with `extra()`, or its error,
+    with every rank, which then raises it."""
+    from .runs import all_checkpoints
+
+    answer: dict = {}
+    if ranks.main:
+        try:
+            state = restore(all_checkpoints(run_dir)[-1])
+            check_resume(state.layout, batching, ranks.size)
+            answer = {"step": state.step, "epoch": state.position.epoch,
+                      "index": state.position.index, "window": state.window, **extra()}  # fmt: skip
+        except MlxtuneError as e:
+            if ranks.size == 1:
+                raise
+            answer = {"error": str(e)}
+    answer = share(answer)
+    if "error" in answer:
+        raise MlxtuneError(answer["error"])
+    return answer
+
+
+def resumed_state(ranks, run_dir, answer: dict, say):
+    """The second half: rank 0 tidies the run folder; every rank gets its RunState (the saved
+    report window's loss is the ranks' sum, so rank 0 alone carries it)."""
+    from pathlib import Path
+
+    from .data.batching import Position
+    from .progress import METRICS, truncate_metrics
+    from .runs import RunState, clean_stale
+
+    if ranks.main:
+        truncate_metrics(Path(run_dir) / METRICS, answer["step"])
+        for stale in clean_stale(run_dir):
+            say(f"removed {stale.name}: left half-written by the stopped run")
+    window = answer["window"] if ranks.main else {**answer["window"], "loss": 0.0}
+    return RunState(answer["step"], Position(answer["epoch"], answer["index"]), window)
+
+
 def hostfile_for(hosts: str) -> dict:
     """An mlx.launch hostfile for `--hosts mac1,mac2`: the ring backend needs each host's IP,
     so names are resolved here (ssh still uses the name); localhost runs without ssh."""

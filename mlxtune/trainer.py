@@ -29,7 +29,6 @@ from .data.batching import (
     Batching,
     DataOf,
     Dataset,
-    Position,
     Stream,
     collate,
     media_arrays,
@@ -37,12 +36,12 @@ from .data.batching import (
     soft_block,
     split_rows,
 )
-from .distributed import check_fingerprints, check_resume, fingerprint
-from .errors import ConfigError, MlxtuneError, ModelError
+from .distributed import check_fingerprints, checkpoint_to_all, fingerprint, resumed_state
+from .errors import ConfigError, ModelError
 from .io import atomic_folder
-from .progress import METRICS, Reporter, new_window, saved_window, truncate_metrics
+from .progress import METRICS, Reporter, new_window, saved_window
 from .ranks import Ranks
-from .runs import all_checkpoints, check_run_dir, clean_stale, total_steps, write_final
+from .runs import check_run_dir, total_steps, write_final
 
 GATHER_MULTIPLE = 64  # loss positions pad up to this (or to the chunk), bounding compiled shapes
 GATHER_MIN = 16  # ... or, when fewer, to a power of two from this: short answers stay cheap
@@ -398,32 +397,18 @@ def _train(cfg: Config, resume: bool, echo, ranks: Ranks) -> Path:
 def _resume(run_dir: Path, model, optimizer, batching: Batching, ranks: Ranks, say):
     """Rank 0 restores the newest checkpoint and hands it to every rank; a run resumed on
     another number of ranks must plan the same global batches (distributed.check_resume)."""
-    answer: dict = {}
-    if ranks.main:
-        try:
-            state = checkpoint.restore(all_checkpoints(run_dir)[-1], model, optimizer)
-            check_resume(state.layout, batching, ranks.size)
-            answer = {"step": state.step, "epoch": state.position.epoch,
-                      "index": state.position.index, "window": state.window,
-                      "rng": np.array(mx.random.state[0]).tolist()}  # fmt: skip
-        except MlxtuneError as e:
-            if ranks.size == 1:
-                raise
-            answer = {"error": str(e), "kind": type(e).__name__}
-    answer = ranks.broadcast_json(answer)
-    if "error" in answer:
-        raise MlxtuneError(answer["error"])
+    restore = partial(checkpoint.restore, model=model, optimizer=optimizer)
+    answer = checkpoint_to_all(
+        ranks,
+        run_dir,
+        restore,
+        batching,
+        ranks.broadcast_json,
+        lambda: {"rng": np.array(mx.random.state[0]).tolist()},
+    )
     if ranks.size > 1:
         model.update(ranks.broadcast(model.trainable_parameters()))
         optimizer.state = ranks.broadcast(optimizer.state)
         hi, lo = answer["rng"]
         mx.random.seed((hi << 32) | lo)
-    if ranks.main:
-        truncate_metrics(run_dir / METRICS, answer["step"])
-        for stale in clean_stale(run_dir):
-            say(f"removed {stale.name}: left half-written by the stopped run")
-    pos = Position(answer["epoch"], answer["index"])
-    window = answer["window"]
-    if not ranks.main:  # the saved loss is the ranks' sum: rank 0 carries it
-        window = {**window, "loss": 0.0}
-    return checkpoint.RunState(answer["step"], pos, window)
+    return resumed_state(ranks, run_dir, answer, say)
