@@ -2,6 +2,7 @@
 MLX trainer (mlx.launch, ring backend over localhost) and the PyTorch twin (torchrun, gloo).
 
     python benchmarks/bench_distributed.py [--backend mlx|cuda|both] [--iters N] [--work DIR]
+    python benchmarks/bench_distributed.py --method full --iters 6   # the twin's FSDP2 memory
 
 The model is SmolLM2-135M-Instruct (the real trained model `make real-model` caches), fp32; the
 data are bench_text_lora's single-turn chats. Each rank gets train.batch_tokens B (per rank, as
@@ -21,6 +22,10 @@ processes it shows what the collectives and the split cost beyond sharing the ma
 machine the ranks share its cores, memory bandwidth and caches, and MLX's ring backend spins
 on a core while it waits for the other rank, so this is a floor for two Macs (each with its
 own cores and memory), not a prediction.
+
+`--method full` fine-tunes every block instead (the twin only): one 1-core process against two
+ranks that shard the weights, gradients and AdamW state (FSDP2), each rank's peak resident
+memory beside what `mlxtune plan` planned for it.
 """
 
 from __future__ import annotations
@@ -42,11 +47,12 @@ from bench_text_lora import make_data  # noqa: E402
 ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def config(work: Path, model: Path, backend: str, budget: int, iters: int) -> Path:
+def config(work: Path, model: Path, backend: str, budget: int, iters: int,
+           method: str = "lora") -> Path:  # fmt: skip
     settings = {
         "model": {"path": str(model), "backend": backend},
         "data": {"train": str(work / "data" / "train.jsonl"), "max_seq_len": 1024},
-        "lora": {"rank": 8, "alpha": 16},
+        "lora": {"rank": 8, "alpha": 16, "method": method},
         "train": {
             "iters": iters,
             "batch_tokens": budget,
@@ -57,7 +63,7 @@ def config(work: Path, model: Path, backend: str, budget: int, iters: int) -> Pa
             "save_every": 0,
         },  # fmt: skip
     }
-    path = work / f"{backend}.yaml"
+    path = work / f"{backend}-{method}.yaml"
     path.write_text(json.dumps(settings))
     return path
 
@@ -78,10 +84,12 @@ def lone_pair(cfg: Path, work: Path, backend: str) -> dict:
             "peak": max(a["peak"], b["peak"])}  # fmt: skip
 
 
-def run(cfg: Path, out: Path, ranks: int, backend: str, threads_one: bool) -> dict:
+def run(cfg: Path, out: Path, ranks: int, backend: str, threads_one: bool,
+        extra: tuple[str, ...] = ()) -> dict:  # fmt: skip
     exe = str(Path(sys.executable).parent / "mlxtune")
     env = {**os.environ, "MLXTUNE_NO_REEXEC": "1", **(ONE_THREAD if threads_one else {})}
     sets = ["--set", f"output.dir={out}", "--set", "output.overwrite=true"]
+    sets += [a for s in extra for a in ("--set", s)]
     if ranks == 1:
         cmd = [exe, "train", str(cfg), *sets]
     elif backend == "mlx":
@@ -116,6 +124,12 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=12)
     p.add_argument("--rows", type=int, default=48)
     p.add_argument("--work", type=Path, default=None)
+    p.add_argument(
+        "--method",
+        choices=["lora", "full"],
+        default="lora",
+        help="full: the twin's full fine-tuning, 1 process vs 2 sharded ranks",
+    )
     p.add_argument("--only", action="append", default=None, choices=list(RUNS),
                    help="run only these (repeatable); the ratios need all four")  # fmt: skip
     args = p.parse_args()
@@ -129,6 +143,8 @@ def main() -> None:
     budget = int(4 * -(-data["real_tokens"] // data["rows"]))
     print(f"SmolLM2-135M-Instruct fp32, {data['rows']} chats, train.batch_tokens={budget} per "
           f"rank, {args.iters} steps (first report window left out); {os.cpu_count()} CPU cores")  # fmt: skip
+    if args.method == "full":
+        return sharded_memory(work, model, budget, args.iters)
     backends = ["mlx", "cuda"] if args.backend == "both" else [args.backend]
     for backend in backends:
         cfg = config(work, model, backend, budget, args.iters)
@@ -144,6 +160,24 @@ def main() -> None:
             print(f"scaling efficiency: 2 ranks vs 2 x one 1-core process {two / (2 * one):.0%}, "
                   f"vs two lone processes {two / lone:.0%}; 2 ranks vs 1 process with every "
                   f"core: {two / every:.2f}x")  # fmt: skip
+
+
+def sharded_memory(work: Path, model: Path, budget: int, iters: int) -> None:
+    """Full fine-tuning on the twin: 1 process (1 core) with 2B against 2 sharded ranks with B
+    each, so both take the same steps; peak resident memory per rank, measured and planned."""
+    from mlxtune import plan
+    from mlxtune.config import load_config
+
+    cfg = config(work, model, "cuda", budget, iters, "full")
+    print("\nPyTorch twin, lora.method full (FSDP2 over 2 ranks, gloo)")
+    print(f"{'':34}{'real tok/s':>12}{'wall s':>9}{'peak GB':>9}{'planned GB':>12}")
+    for label, ranks, tokens in (("1 process, 1 core, 2B", 1, 2 * budget),
+                                 ("2 sharded ranks, 1 core each, B", 2, budget)):  # fmt: skip
+        sets = [f"train.batch_tokens={tokens}"]
+        r = run(cfg, work / f"full-{ranks}", ranks, "cuda", True, sets)
+        planned = plan.plan(load_config(cfg, sets), on_cpu=True, ranks=ranks).host  # training
+        print(f"{label:34}{r['tok_s']:>12,.0f}{r['wall']:>9.1f}{r['peak']:>9.2f}"
+              f"{planned / 1e9:>12.2f}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

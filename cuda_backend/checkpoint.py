@@ -27,19 +27,31 @@ from mlxtune.runs import CHECKPOINTS, RunState, all_checkpoints
 __all__ = ["RunState", "save", "restore", "all_checkpoints"]
 
 
-def save(run_dir: Path, state: RunState, model: torch.nn.Module, optimizer, write_adapter:
+def tensors(model: torch.nn.Module, optimizer) -> tuple[dict, dict]:
+    """The trained parameters and AdamW's state, whole and on the CPU, under the names a
+    checkpoint gives them. With sharded parameters (cuda_backend/shard.py) every rank calls
+    this: each tensor is gathered from the ranks' shards in turn."""
+    from .shard import full
+
+    weights, moments = {}, {}
+    named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+    for k, p in named:
+        weights[k] = full(p.detach()).cpu().contiguous()
+    names = {id(p): k for k, p in named}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                value = value if torch.is_tensor(value) else torch.tensor(float(value))
+                moments[f"{names[id(p)]}::{key}"] = full(value.detach()).cpu().contiguous()
+    return weights, moments
+
+
+def save(run_dir: Path, state: RunState, weights: dict, moments: dict, write_adapter:
          Callable[[Path], None], keep: int) -> Path:  # fmt: skip
+    """Write a checkpoint of `tensors(...)` and the run state."""
     target = Path(run_dir) / CHECKPOINTS / f"step-{state.step:07d}"
-    names = {id(p): k for k, p in model.named_parameters() if p.requires_grad}
     with atomic_folder(target, replace=True) as tmp:
-        save_file({k: p.detach().cpu().contiguous() for k, p in model.named_parameters()
-                   if p.requires_grad}, str(tmp / "trainable.safetensors"))  # fmt: skip
-        moments = {}
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                for key, value in optimizer.state.get(p, {}).items():
-                    value = value if torch.is_tensor(value) else torch.tensor(float(value))
-                    moments[f"{names[id(p)]}::{key}"] = value.detach().cpu().contiguous()
+        save_file(weights, str(tmp / "trainable.safetensors"))
         save_file(moments, str(tmp / "optimizer.safetensors"))
         write_adapter(tmp)
         info = {"step": state.step, "epoch": state.position.epoch,

@@ -51,10 +51,10 @@ from mlxtune.plan.cuda import uses_cache
 from mlxtune.progress import METRICS, Reporter, new_window, saved_window
 from mlxtune.runs import check_run_dir, total_steps, write_final
 
-from . import assemble, checkpoint, lora, prepare
+from . import assemble, checkpoint, lora, prepare, shard
 from . import model as model_lib
 from .loss import chunked_loss
-from .ranks import Ranks, torchrun_world
+from .ranks import Ranks
 
 GATHER_MULTIPLE = 64
 
@@ -70,31 +70,36 @@ class Engine(DataOf):
     split: model_lib.Split | None
     notes: list[str] = field(default_factory=list)
 
-    def adapter(self) -> adapters.Adapter:
+    def adapter(self, weights: dict[str, torch.Tensor] | None = None) -> adapters.Adapter:
         """The trained LoRA tensors in PEFT's layout, under the checkpoint's module names; any
-        other trained parameter (an embedder trained in full) under its checkpoint name."""
+        other trained parameter (an embedder trained in full) under its checkpoint name.
+        `weights`: the trained parameters by name (`checkpoint.tensors`), else the model's."""
+        values = lora.trainable(self.model) if weights is None else weights
+
+        def array(name: str) -> np.ndarray:
+            return values[name].detach().float().cpu().numpy()
+
         modules = {}
         for path in self.adapted:
             layer = self.model.get_submodule(path)
             modules[self.hf_names[path]] = adapters.LoraTensors(
-                layer.lora_A.detach().float().cpu().numpy(),
-                layer.lora_B.detach().float().cpu().numpy(),
-                None if layer.m is None else layer.m.detach().float().cpu().numpy(),
+                array(f"{path}.lora_A"),
+                array(f"{path}.lora_B"),
+                None if layer.m is None else array(f"{path}.m"),
             )
-        full = {self.hf_names[k]: p.detach().float().cpu().numpy()
-                for k, p in _full_params(self.model).items()}  # fmt: skip
+        full = {self.hf_names[k]: array(k) for k in _full_params(self.model)}
         return adapters.Adapter(self.cfg.lora, modules, str(self.cfg.model.path), full)
 
-    def write_adapter(self, folder: Path) -> None:
+    def write_adapter(self, folder: Path, weights: dict[str, torch.Tensor] | None = None) -> None:
+        """The adapter files (or trainable.safetensors of a full fine-tune) into `folder`."""
         if self.cfg.lora.method == "full":
             from safetensors.torch import save_file
 
-            params = {
-                k: p.detach().cpu().contiguous() for k, p in lora.trainable(self.model).items()
-            }
-            save_file(params, str(folder / "trainable.safetensors"))
+            values = lora.trainable(self.model) if weights is None else weights
+            save_file({k: p.detach().cpu().contiguous() for k, p in values.items()},
+                      str(folder / "trainable.safetensors"))  # fmt: skip
         else:
-            adapters.save(folder, self.adapter())
+            adapters.save(folder, self.adapter(weights))
 
 
 def setup(cfg: Config, adapter: str | Path | None = None) -> Engine:
@@ -251,10 +256,10 @@ def schedule(t: TrainConfig, total: int) -> Callable[[int], float]:
 
 
 def evaluate(engine: Engine, data: Dataset, max_batches: int | None = None,
-             ranks: Ranks | None = None) -> dict:  # fmt: skip
+             ranks: Ranks | None = None, sharded: bool = False) -> dict:  # fmt: skip
     """Validation loss (mean over target tokens) and perplexity. With several ranks, each runs
     its share of every batch (the global plan of `Batching.of(cfg, ranks)`) and the sums are
-    added up."""
+    added up; `sharded` (FSDP): a rank with no row runs one anyway, for the gathers."""
     cfg, model = engine.cfg, engine.model
     was_training = model.training
     model.eval()
@@ -265,10 +270,11 @@ def evaluate(engine: Engine, data: Dataset, max_batches: int | None = None,
         for rows in plan_epoch(data.lengths, batching, 0, 0, shuffle=False)[:max_batches]:
             tokens += int(data.loss_counts[[i for row in rows for i in row]].sum())
             mine = rows if size == 1 else split_rows(rows, data.lengths, size)[rank]
-            if mine:
-                batch = collate(data.examples, mine, batching.max_seq_len)
-                total += float(batch_loss(engine, *device_arrays(engine, batch, GATHER_MULTIPLE),
-                                          grad=False))  # fmt: skip
+            if mine or sharded:
+                batch = collate(data.examples, mine or rows[:1], batching.max_seq_len)
+                loss = float(batch_loss(engine, *device_arrays(engine, batch, GATHER_MULTIPLE),
+                                        grad=False))  # fmt: skip
+                total += loss if mine else 0.0
     total = ranks.sum(total) if ranks else total
     model.train(was_training)
     loss = total / max(tokens, 1)
@@ -280,9 +286,6 @@ def train(cfg: Config, resume: bool = False, echo: Callable[[str], None] | None 
 
     Under torchrun each rank runs its share of every micro-batch (mlxtune/distributed.py);
     rank 0 alone writes the run folder and prints progress."""
-    if torchrun_world().size > 1 and cfg.lora.method == "full":
-        raise ConfigError("lora.method: full fine-tuning over several ranks is not supported "
-                          "yet; train it in one process, or use lora or dora")  # fmt: skip
     ranks = Ranks.start(on_cuda=model_lib.device().type == "cuda")
     ranks.run_dir = cfg.output.dir
     failed = True
@@ -324,6 +327,9 @@ def _train(cfg: Config, resume: bool, echo, ranks: Ranks) -> Path:
         ranks.barrier()
     engine = setup(cfg)
     model, t = engine.model, cfg.train
+    sharded = ranks.size > 1 and (cfg.lora.method == "full" or t.shard)
+    if sharded:  # FSDP gathers a unit's weights in its forward: the loss takes whole logits
+        engine.split = None
     train_data = engine.dataset(cfg.data.train)
     valid_data = engine.dataset(cfg.data.valid) if cfg.data.valid else None
     for name, data in (("train", train_data), ("valid", valid_data)):
@@ -351,7 +357,16 @@ def _train(cfg: Config, resume: bool, echo, ranks: Ranks) -> Path:
         state = replace(state, layout=layout)
     elif ranks.size > 1:  # the same start on every rank, whatever its RNG gave
         ranks.broadcast(params)
+    if sharded:
+        optimizer = shard.wrap(model, optimizer)
+        params = list(lora.trainable(model).values())
+        first = min(range(len(train_data.examples)), key=lambda i: len(train_data.examples[i]))
+        idle = collate(train_data.examples, [[first]], batching.max_seq_len)
     split = f", {ranks.size} data-parallel ranks" if ranks.size > 1 else ""
+    if sharded:
+        held = sum(shard.local(p).numel() for p in model.parameters())
+        total_params = sum(p.numel() for p in model.parameters())
+        split += f" (FSDP2: each holds {held:,} of the {total_params:,} parameters)"
     say(f"training {lora.count(lora.trainable(model)):,} parameters ({cfg.lora.method}, "
         f"{len(engine.adapted)} modules) on {engine.loaded.device}, {total} steps{split}"
         + ("" if engine.split else "; loss on full logits"))  # fmt: skip
@@ -379,18 +394,21 @@ def _train(cfg: Config, resume: bool, echo, ranks: Ranks) -> Path:
                                                              GATHER_MULTIPLE))  # fmt: skip
                 loss.backward()
                 window["loss"] += float(loss.detach())
+            elif sharded:  # FSDP's gathers need every rank: one row that adds nothing
+                zero = batch_loss(engine, *device_arrays(engine, idle, GATHER_MULTIPLE)) * 0.0
+                zero.backward()
             step_tokens += share.loss_tokens
             window["real"] += share.real_tokens
             window["slots"] += share.slots
         # The step's loss is the mean over all its target tokens: each rank's sum of token
         # gradients over its shares, summed over ranks, divided by the global count.
-        if ranks.size > 1:
+        if ranks.size > 1 and not sharded:
             ranks.gradients(params, 1.0 / max(step_tokens, 1))
-        else:
+        else:  # one process, or FSDP's reduce-scatter has summed this rank's shard
             for p in params:
                 if p.grad is not None:
                     p.grad.mul_(1.0 / max(step_tokens, 1))
-        norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
+        norm = shard.full(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or math.inf))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         window["tokens"] += step_tokens
@@ -408,17 +426,21 @@ def _train(cfg: Config, resume: bool, echo, ranks: Ranks) -> Path:
         if valid_data is not None and (
             step == total or (t.eval_every and step % t.eval_every == 0)
         ):
-            r = evaluate(engine, valid_data, t.eval_batches, ranks)
+            r = evaluate(engine, valid_data, t.eval_batches, ranks, sharded)
             reporter.valid(step, r["loss"], r["perplexity"], r["tokens"])
         if step == total or (t.save_every and step % t.save_every == 0):
             state = checkpoint.RunState(step, position, saved_window(window), layout)
             if ranks.size > 1:  # a checkpoint holds the window's loss summed over ranks
                 state.window["loss"] = ranks.sum(state.window["loss"])
+            if main or sharded:  # sharded: every rank sends its shards
+                weights, moments = checkpoint.tensors(model, optimizer)
             if main:
-                checkpoint.save(run_dir, state, model, optimizer, engine.write_adapter,
+                checkpoint.save(run_dir, state, weights, moments,
+                                partial(engine.write_adapter, weights=weights),
                                 cfg.output.keep_checkpoints)  # fmt: skip
+    weights = checkpoint.tensors(model, optimizer)[0] if main or sharded else None
     if main:
-        write_final(run_dir, engine.write_adapter)
+        write_final(run_dir, partial(engine.write_adapter, weights=weights))
     say(f"done: {run_dir}")
     return run_dir
 

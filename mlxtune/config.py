@@ -168,6 +168,11 @@ class TrainConfig:
     offload_checkpoints: bool = opt(
         False, "cuda, with grad_checkpoint: keep each layer's saved input in host RAM"
     )
+    shard: bool = opt(
+        False,
+        "cuda, several ranks: each keeps 1/N of the weights, gradients and AdamW state (FSDP2); "
+        "always on for lora.method full",
+    )
 
     def __post_init__(self) -> None:
         if self.iters is not None and self.epochs is not None:
@@ -308,6 +313,12 @@ class Config:
             raise Invalid(
                 "lora.method", "full fine-tuning needs an unquantized model.quantize: null"
             )
+        if self.train.shard and self.model.backend != "cuda":
+            raise Invalid("train.shard", "sharding is the cuda backend's (FSDP2); MLX ranks "
+                          "each hold the whole model: set model.backend: cuda or shard: false")  # fmt: skip
+        if self.train.shard and (self.model.quantize or self.model.offload_experts):
+            raise Invalid("train.shard", "NF4 weights and streamed experts are not sharded: "
+                          "set model.quantize: null and model.offload_experts: false")  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(self)

@@ -136,6 +136,14 @@ def test_override_errors_name_the_override(tmp_path):
         ("- a\n- b\n", "cfg.yaml:1: the top level must be a mapping of sections"),
         ("lora:\n  rank: [\n", "cfg.yaml:3: invalid YAML"),
         ("train:\n  lr_schedule: cosin\n", "did you mean cosine?"),
+        (
+            "train:\n  shard: true\n",
+            "cfg.yaml:2: train.shard: sharding is the cuda backend's (FSDP2)",
+        ),
+        (
+            "model:\n  backend: cuda\n  quantize: 4\ntrain:\n  shard: true\n",
+            "cfg.yaml:5: train.shard: NF4 weights and streamed experts are not sharded",
+        ),
     ],
 )
 def test_bad_values_one_line_with_place(tmp_path, text, expected):

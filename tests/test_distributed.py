@@ -138,6 +138,10 @@ def test_two_ranks_take_the_steps_of_one_process_with_twice_the_budget(
     np.testing.assert_allclose([v for _, v in _curve(two)], [v for _, v in _curve(one)], rtol=1e-5)
     np.testing.assert_allclose([v for _, v in _curve(two, "valid")],
                                [v for _, v in _curve(one, "valid")], rtol=1e-5)  # fmt: skip
+    # the gradient's norm before clipping: clipping and AdamW would hide a wrong scale
+    norms = [[r["grad_norm"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
+             for run in (one, two)]  # fmt: skip
+    np.testing.assert_allclose(norms[1], norms[0], rtol=1e-5, atol=1e-4)  # reported to 4 places
     _same_adapter(one, two)
 
 

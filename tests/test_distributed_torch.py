@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -119,7 +120,10 @@ def _same_run(one: Path, two: Path, adapter_rtol: float = 1e-5) -> tuple[float, 
         assert [r.get(key) for r in a] == [r.get(key) for r in b], key
     la, lb = np.array([r["loss"] for r in a]), np.array([r["loss"] for r in b])
     np.testing.assert_allclose(lb, la, rtol=1e-5)
-    wa, wb = (load_file(str(d / "adapter_model.safetensors")) for d in (one, two))
+    # the gradient's norm before clipping: clipping and AdamW would hide a wrong scale
+    ga, gb = ([r["grad_norm"] for r in rows if r["kind"] == "train"] for rows in (a, b))
+    np.testing.assert_allclose(gb, ga, rtol=1e-5, atol=1e-4)  # reported to 4 decimals
+    wa, wb = (load_file(str(_weights_file(d))) for d in (one, two))
     assert wa.keys() == wb.keys()
     rel = {k: float(np.linalg.norm(wa[k] - wb[k]) / max(np.linalg.norm(wa[k]), 1e-30))
            for k in wa}  # fmt: skip
@@ -127,6 +131,12 @@ def _same_run(one: Path, two: Path, adapter_rtol: float = 1e-5) -> tuple[float, 
     assert rel[worst] <= adapter_rtol, (worst, rel[worst])
     assert all(np.linalg.norm(v) > 0 for k, v in wa.items() if "lora_B" in k)  # it trained
     return float(np.max(np.abs(lb - la) / np.abs(la))), rel[worst]
+
+
+def _weights_file(run_dir: Path) -> Path:
+    """The adapter, or the weights of a full fine-tune."""
+    adapter = run_dir / "adapter_model.safetensors"
+    return adapter if adapter.is_file() else run_dir / "trainable.safetensors"
 
 
 CASES = {  # name -> (tiny family, per-rank batch_tokens, overrides, adapter rtol)
@@ -145,10 +155,28 @@ CASES = {  # name -> (tiny family, per-rank batch_tokens, overrides, adapter rto
         ["data.max_seq_len=512", "data.image_soft_tokens=70", "train.iters=4"],
         5e-4,
     ),  # fmt: skip
+    # sharded (FSDP2): full fine-tuning shards always, LoRA when train.shard is on
+    "llama-full-sharded": ("llama", B, ["lora.method=full", "train.iters=5"], 1e-5),
+    "llama-packed-sharded": (
+        "llama",
+        B,
+        ["train.shard=true", "data.packing=true", "train.grad_accum=2", "train.iters=4"],
+        1e-5,
+    ),  # fmt: skip
+    "gemma4-media-full-sharded": (
+        "gemma4",
+        256,
+        ["lora.method=full", "data.max_seq_len=512", "data.image_soft_tokens=70", "train.iters=4"],
+        5e-4,
+    ),  # fmt: skip
 }
+SLOW_CASES = {"gemma4-media-full-sharded"}  # in test-all
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=[pytest.mark.slow] if c in SLOW_CASES else []) for c in
+             sorted(CASES)]
+)  # fmt: skip
 def test_two_ranks_take_the_steps_of_one_process_with_twice_the_batch(
     case, tiny, config, media, tmp_path
 ):
@@ -173,6 +201,35 @@ def test_two_ranks_take_the_steps_of_one_process_with_twice_the_batch(
     # rank 0 alone speaks and writes
     assert r.stdout.count("step 1/") == 1 and r.stdout.count("done: ") == 1, r.stdout
     assert f"{RANKS} data-parallel ranks" in r.stdout
+    held = re.search(r"FSDP2: each holds ([\d,]+) of the ([\d,]+) parameters", r.stdout)
+    assert (held is not None) == case.endswith("-sharded"), r.stdout
+    if held:  # each rank keeps its half of every tensor (FSDP pads a shard to whole rows)
+        mine, total = (int(x.replace(",", "")) for x in held.groups())
+        assert total / RANKS <= mine <= total / RANKS * 1.01, (mine, total)
+
+
+def test_a_sharded_run_resumes_on_two_ranks_and_on_one_to_the_straight_runs_weights(
+    tiny, config, tmp_path
+):
+    """A full fine-tune on two ranks (FSDP2) writes whole tensors in the usual layout: its
+    checkpoint resumes sharded on two ranks, or in one process with the global budget."""
+    model, straight = tiny("llama"), tmp_path / "straight"
+    extra = ["lora.method=full", "train.iters=4", "train.save_every=2", "output.keep_checkpoints=0"]
+    _run(_launch([str(config)], _sets(model, straight, B, *extra)))
+    for name, how in (("two", "ranks"), ("one", "process")):
+        run_dir = tmp_path / name
+        shutil.copytree(straight, run_dir)
+        shutil.rmtree(run_dir / "checkpoints" / "step-0000004")
+        (run_dir / "trainable.safetensors").unlink()
+        if how == "ranks":
+            r = _run(_launch(["--resume", str(run_dir)], []))
+            assert "resuming" in r.stdout and "FSDP2" in r.stdout, r.stdout
+        else:
+            cfg = load_config(run_dir / "config.yaml",
+                              [f"output.dir={run_dir}", f"train.batch_tokens={RANKS * B}"])  # fmt: skip
+            ttrainer.train(cfg, resume=True, echo=lambda line: None)
+        loss_diff, weights_diff = _same_run(straight, run_dir)
+        print(f"resumed ({name}): losses within {loss_diff:.1e}, weights within {weights_diff:.1e}")
 
 
 # --------------------------------------------------------------------- a rank dies, and resuming

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mlxtune import plan
@@ -160,3 +161,59 @@ def test_the_command_prints_the_table_and_exits_1_when_it_does_not_fit():
                           "model.offload_experts=false", "--set", "train.grad_checkpoint=true",
                           "--vram-gb", "512"], capture_output=True, text=True)  # fmt: skip
     assert mac.returncode == 0 and "fits:" in mac.stdout and "unified memory" in mac.stdout
+
+
+LLAMA_8B = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 4096,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "intermediate_size": 14336, "vocab_size": 128256, "torch_dtype": "bfloat16",
+            "tie_word_embeddings": False}  # fmt: skip
+
+
+def _headers_only(folder: Path, config: dict) -> Path:
+    """A checkpoint folder whose safetensors file has the Llama tensors' header and no data:
+    what the planner reads (shapes), without 16 GB of weights."""
+    import struct
+
+    d, n, v = config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]
+    kv = d // config["num_attention_heads"] * config["num_key_value_heads"]
+    f = config["intermediate_size"]
+    shapes = {"model.embed_tokens.weight": [v, d], "lm_head.weight": [v, d],
+              "model.norm.weight": [d]}  # fmt: skip
+    for i in range(n):
+        p = f"model.layers.{i}."
+        shapes |= {p + "self_attn.q_proj.weight": [d, d], p + "self_attn.k_proj.weight": [kv, d],
+                   p + "self_attn.v_proj.weight": [kv, d], p + "self_attn.o_proj.weight": [d, d],
+                   p + "mlp.gate_proj.weight": [f, d], p + "mlp.up_proj.weight": [f, d],
+                   p + "mlp.down_proj.weight": [d, f], p + "input_layernorm.weight": [d],
+                   p + "post_attention_layernorm.weight": [d]}  # fmt: skip
+    header, at = {}, 0
+    for name, shape in shapes.items():
+        size = 2 * int(np.prod(shape))
+        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [at, at + size]}
+        at += size
+    folder.mkdir(parents=True)
+    raw = json.dumps(header).encode()
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_sharded_ranks_plan_their_share_of_a_full_fine_tune_and_load_it_whole(tmp_path):
+    """A full fine-tune of a Llama 3.1 8B shape in bf16: 16 GB of weights and 3 x 14 GB of
+    gradients and AdamW moments do not fit one 24 GB GPU; sharded over 4 (FSDP2) each rank keeps
+    a quarter of them plus the layers it gathers, and still loads the whole model first."""
+    folder = _headers_only(tmp_path / "llama-8b", LLAMA_8B)
+    cfg = load_config(None, [f"model.path={folder}", "model.backend=cuda", "lora.method=full",
+                             "train.batch_tokens=2048", "train.grad_checkpoint=true"])  # fmt: skip
+    one, four = plan.plan(cfg, 24, 256), plan.plan(cfg, 24, 256, ranks=4)
+    rows = [{r.name: r.gpu for r in p.rows} for p in (one, four)]
+    assert rows[0]["grads + AdamW (full)"] / GIB == pytest.approx(3 * 2 * 6.98e9 / GIB, rel=0.01)
+    for name in ("grads + AdamW (full)", "frozen linear weights", "input embedding"):
+        assert rows[1][name] == pytest.approx(rows[0][name] / 4), name
+    layer = 3 * 2 * 218e6  # two layers' bf16 weights in flight and one layer's gradients
+    assert rows[1]["gathered layers"] == pytest.approx(layer, rel=0.01)
+    assert not one.fits and four.fits, (one.verdict(), four.verdict())
+    load = four.phases["load"][0]
+    assert 15 * GIB < load < four.gpu  # the whole bf16 model and the context, then sharded
+    assert "sharded over 4 ranks" in four.table()
+    assert "gathers of" in four.table() and "reduce-scatter" in four.table()

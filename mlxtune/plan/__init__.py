@@ -24,6 +24,7 @@ from .counts import (
     Counts,
     counts_from_config,
     counts_from_headers,
+    full_params,
     layer_bytes,
     layer_elements,
     logits_bytes,
@@ -41,6 +42,12 @@ MLX_GROUP = 64  # mlx quantization: a scale and a bias (in the model's dtype) pe
 MLX_BASE = -0.016 * GIB
 MLX_LOGIT_BYTES = 41  # logits, softmax, their gradient and the head's output, fp32
 MLX_SOFTCAP_BYTES = 15  # a soft-capped head's extra: scaled, tanh and its derivative
+LORA_ROW, FULL_ROW = "LoRA + grads + AdamW", "grads + AdamW (full)"
+# What FSDP2 shards over the ranks (cuda_backend/shard.py): every parameter, its gradient and
+# AdamW's moments; activations, the logits and the buffers stay whole on each rank.
+SHARDED_ROWS = (LORA_ROW, FULL_ROW, "frozen linear weights", "head, routers, norms",
+                "input embedding", "vision/audio towers")  # fmt: skip
+BASE_ROWS = ("CUDA context, workspace", "process")
 MAC_LINK_GBPS = 1.25  # between Macs: 10 Gb Ethernet (Thunderbolt is faster: plan --link-gbps)
 
 
@@ -187,24 +194,68 @@ def plan(cfg: Config, device_gb: float | None = None, host_gb: float | None = No
         return p
     p = _plan(cfg, device_gb, host_gb, on_cpu, pcie_gbps, ranks)
     if ranks > 1:
+        if sharded(cfg):
+            _shard(p, cfg, ranks)
         _data_parallel(p, cfg, ranks, link_gbps)
     return p
+
+
+def sharded(cfg: Config) -> bool:
+    """Whether several ranks shard the model (FSDP2 on the cuda backend)."""
+    return cfg.model.backend == "cuda" and (cfg.lora.method == "full" or cfg.train.shard)
+
+
+def _shard(p: Plan, cfg: Config, ranks: int) -> None:
+    """Each rank keeps 1/N of the weights, gradients and AdamW state, and gathers whole layers
+    as it goes: two layers' weights in flight (one computing, the next arriving) and one
+    layer's unsharded gradients. It loads the whole model before sharding it."""
+    config, _ = model_config(str(cfg.model.path))
+    text = config.get("text_config", config)
+    dense = DTYPE_BYTES.get(p.dtype, 2)
+    # while loading: the whole model's weights, and the process
+    held = [r for r in p.rows if r.name in SHARDED_ROWS[2:] or r.name in BASE_ROWS]
+    p.phases["load"] = (sum(r.gpu for r in held), sum(r.host for r in held))
+    for r in p.rows:
+        if r.name in SHARDED_ROWS:
+            r.gpu, r.host = r.gpu / ranks, r.host / ranks
+            r.note = f"{r.note}, 1/{ranks} (sharded)".lstrip(", ")
+    for r in p.rows:  # the loss takes whole logits: FSDP gathers the head in its forward
+        if r.name == "logits chunk":
+            r.gpu, r.host = (x and logits_bytes(cfg, text["vocab_size"], tokens=p.tokens,
+                                                chunked=False) for x in (r.gpu, r.host))  # fmt: skip
+    c = p.counts
+    layer = (c.attention + c.dense_ffn + c.shared_expert + c.routed_experts + c.router) / max(
+        text["num_hidden_layers"], 1
+    )
+    p.add("gathered layers", 3 * layer * dense,
+          note="2 layers' weights in flight + 1 layer's gradients")  # fmt: skip
+    p.notes.append(f"sharded over {ranks} ranks (FSDP2): each loads the whole model, then keeps "
+                   f"1/{ranks} of it")  # fmt: skip
 
 
 def _data_parallel(p: Plan, cfg: Config, ranks: int, link_gbps: float | None) -> None:
     """What N ranks add: the gradients' all-reduce per optimizer step (a ring sends and
     receives 2 (N - 1) / N of the bytes on each link), and the global batch."""
     link = link_gbps or (p.pcie_gbps if cfg.model.backend == "cuda" else MAC_LINK_GBPS)
-    grads = 4 * p.trainable  # fp32 gradients
-    sent = 2 * (ranks - 1) / ranks * grads
+    share = (ranks - 1) / ranks  # of the bytes, over each rank's link (a ring)
+    dense = DTYPE_BYTES.get(p.dtype, 2)
+    if sharded(cfg):  # per micro-batch: every weight gathered twice, gradients reduce-scattered
+        weights = p.counts.total * dense
+        grads = p.trainable * (4 if cfg.lora.method != "full" else dense)
+        sent = p.accum * share * (2 * weights + grads)
+        what = (f"gathers of {weights / 1e6:,.1f} MB of weights (forward and backward) and a "
+                f"reduce-scatter of {grads / 1e6:,.1f} MB of gradients per micro-batch")  # fmt: skip
+    else:
+        grads = 4 * p.trainable  # fp32 gradients
+        sent = 2 * share * grads
+        what = f"all-reduce of {grads / 1e6:,.1f} MB of gradients per optimizer step"
     seconds = sent / (link * 1e9)
     p.ranks, p.allreduce_seconds = ranks, seconds
     p.notes.append(
         f"data parallel: {ranks} ranks, each as planned above (its share of every micro-batch, "
         f"at most {p.tokens:,} tokens); global micro-batch {Batching.of(cfg, ranks).tokens or 0:,}"
-        f" tokens; all-reduce of {grads / 1e6:,.1f} MB of gradients per optimizer step: about "
-        f"{seconds * 1e3:,.1f} ms at {link:g} GB/s, so a step takes one rank's step plus that, "
-        f"for up to {ranks}x the tokens/s of one"
+        f" tokens; {what}: about {seconds * 1e3:,.1f} ms per step at {link:g} GB/s, so a step "
+        f"takes one rank's step plus that, for up to {ranks}x the tokens/s of one"
     )
 
 
@@ -222,9 +273,15 @@ def _plan(cfg: Config, device_gb: float | None, host_gb: float | None, on_cpu: b
           cfg.model.offload_experts, "layer checkpoints": cfg.train.offload_checkpoints,
           "activations": cfg.train.grad_checkpoint is True}  # fmt: skip
     p.applied = {k for k, v in on.items() if v}
-    lora = lora_params(text, cfg)
-    p.trainable = lora
-    p.add("LoRA + grads + AdamW", 16 * lora, note=f"{lora:,} parameters, fp32")
+    if cfg.lora.method == "full":  # gradients and both moments in the weights' dtype
+        dense = DTYPE_BYTES.get(p.dtype, 2)
+        p.trainable = full_params(text, counts, cfg)
+        p.add(FULL_ROW, 3 * dense * p.trainable,
+              note=f"{p.trainable:,} parameters, {dense * 8}-bit")  # fmt: skip
+    else:
+        lora = lora_params(text, cfg)
+        p.trainable = lora
+        p.add(LORA_ROW, 16 * lora, note=f"{lora:,} parameters, fp32")
     if cuda_backend:
         cuda_rows(p, cfg, config, text, counts, tokens)
     else:
@@ -272,10 +329,11 @@ def _mlx(p: Plan, cfg: Config, text: dict, counts: Counts, tokens: int) -> None:
         kept = n_layers * tokens * layer_elements(text, streamed=False, row=row) * dense
         p.add("activations", kept, note="every layer's, kept for backward")
     softcap = MLX_SOFTCAP_BYTES if text.get("final_logit_softcapping") else 0
-    p.add("logits chunk", logits_bytes(cfg, v, MLX_LOGIT_BYTES + softcap, tokens))
+    p.add("logits chunk", logits_bytes(cfg, v, MLX_LOGIT_BYTES + softcap, tokens,
+                                       chunked=cfg.lora.method != "full"))  # fmt: skip
     # The intercept corrects what the per-token rows overstate; it never takes more than them
     # (a tiny model would otherwise plan a negative total).
-    per_token = sum(r.gpu for r in p.rows if r.name not in ("weights", "LoRA + grads + AdamW"))
+    per_token = sum(r.gpu for r in p.rows if r.name not in ("weights", LORA_ROW, FULL_ROW))
     p.add("MLX buffers (fitted)", max(MLX_BASE, -per_token),
           note="intercept of benchmarks/fit_plan.py's fit")  # fmt: skip
 

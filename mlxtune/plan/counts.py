@@ -166,11 +166,23 @@ def layer_bytes(text: dict, dense: int, row: int = 0) -> float:
     return 1.5 * layer_elements(text, row=row) * dense
 
 
-def logits_bytes(cfg: Config, vocab: int, per_logit: int = 8, tokens: int = 0) -> float:
+def logits_bytes(cfg: Config, vocab: int, per_logit: int = 8, tokens: int = 0,
+                 chunked: bool = True) -> float:  # fmt: skip
     """One chunk's logits: fp32 logits and their gradient plus the head's output (8 bytes per
-    logit), or what MLX keeps while it differentiates a chunk (MLX_LOGIT_BYTES)."""
-    chunk = cfg.train.ce_chunk_tokens or tokens
+    logit), or what MLX keeps while it differentiates a chunk (MLX_LOGIT_BYTES). Not
+    `chunked`: the whole micro-batch's."""
+    chunk = (cfg.train.ce_chunk_tokens if chunked else 0) or tokens
     return chunk * vocab * per_logit
+
+
+def full_params(text: dict, counts: Counts, cfg: Config) -> int:
+    """Parameters a full fine-tune trains: the chosen decoder blocks (their attention, MLP or
+    experts and routers; norms are too small to count)."""
+    layers = text["num_hidden_layers"]
+    n = layers if cfg.lora.num_layers is None else min(cfg.lora.num_layers, layers)
+    blocks = (counts.attention + counts.dense_ffn + counts.shared_expert + counts.routed_experts
+              + counts.router)  # fmt: skip
+    return blocks * n // layers
 
 
 def lora_params(text: dict, cfg: Config) -> int:

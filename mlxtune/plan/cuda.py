@@ -106,7 +106,8 @@ def cuda_rows(p: Plan, cfg: Config, config: dict, text: dict, counts: Counts, to
             if cached:
                 p.add("expert scratch", 3 * d * inter * dense, note="1 dequantized expert")
     _activations(p, cfg, text, tokens, dense, moe if cached and counts.routed_experts else 0)
-    p.add("logits chunk", logits_bytes(cfg, v, tokens=tokens))
+    chunked = cfg.lora.method != "full"  # a full fine-tune's loss takes whole logits
+    p.add("logits chunk", logits_bytes(cfg, v, tokens=tokens, chunked=chunked))
     if p.on_cpu:
         p.add("process", host=CPU_BASE["train"], note="Python, torch, data [fitted]")
     else:
