@@ -256,14 +256,15 @@ def schedule(t: TrainConfig, total: int) -> Callable[[int], float]:
 
 
 def evaluate(engine: Engine, data: Dataset, max_batches: int | None = None,
-             ranks: Ranks | None = None, sharded: bool = False) -> dict:  # fmt: skip
+             ranks: Ranks | None = None) -> dict:  # fmt: skip
     """Validation loss (mean over target tokens) and perplexity. With several ranks, each runs
     its share of every batch (the global plan of `Batching.of(cfg, ranks)`) and the sums are
-    added up; `sharded` (FSDP): a rank with no row runs one anyway, for the gathers."""
+    added up; a sharded model's rank with no row runs one anyway, for FSDP's gathers."""
     cfg, model = engine.cfg, engine.model
     was_training = model.training
     model.eval()
     size, rank = (ranks.size, ranks.rank) if ranks else (1, 0)
+    sharded = shard.is_sharded(model)
     batching = Batching.of(cfg, size)
     total, tokens = 0.0, 0
     with torch.no_grad():
@@ -426,7 +427,7 @@ def _train(cfg: Config, resume: bool, echo, ranks: Ranks) -> Path:
         if valid_data is not None and (
             step == total or (t.eval_every and step % t.eval_every == 0)
         ):
-            r = evaluate(engine, valid_data, t.eval_batches, ranks, sharded)
+            r = evaluate(engine, valid_data, t.eval_batches, ranks)
             reporter.valid(step, r["loss"], r["perplexity"], r["tokens"])
         if step == total or (t.save_every and step % t.save_every == 0):
             state = checkpoint.RunState(step, position, saved_window(window), layout)
