@@ -4,6 +4,9 @@ clips expanded to their soft tokens) come from the same framework-free `chat_pro
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+
 import torch
 
 from mlxtune.data.rows import Row
@@ -25,8 +28,16 @@ class _KnownIds:
         return scores
 
 
-def complete(loaded: model_lib.Loaded, prompt: Prompt | str, max_tokens: int) -> str:
-    """The greedy reply to `prompt`, special tokens dropped."""
+def complete(loaded: model_lib.Loaded, prompt: Prompt | str, max_tokens: int,
+             temp: float = 0.0) -> str:  # fmt: skip
+    """The reply to `prompt` (greedy at `temp` 0), special tokens dropped."""
+    return "".join(stream(loaded, prompt, max_tokens, temp))
+
+
+def stream(loaded: model_lib.Loaded, prompt: Prompt | str, max_tokens: int,
+           temp: float = 0.0) -> Iterator[str]:  # fmt: skip
+    """Pieces of the reply as transformers generates them (in a thread, through its
+    TextIteratorStreamer), special tokens dropped."""
     import transformers
 
     tokenizer, where = loaded.tokenizer, loaded.device
@@ -38,13 +49,33 @@ def complete(loaded: model_lib.Loaded, prompt: Prompt | str, max_tokens: int) ->
     media = model_lib.media_kwargs(prompt.media, dtype, where) if prompt.media else {}
     inputs = torch.tensor([ids], device=where)
     stop = sorted(loaded.stop_ids)
-    with torch.no_grad():
-        out = loaded.model.generate(
-            input_ids=inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=max_tokens,
-            do_sample=False, eos_token_id=stop, pad_token_id=stop[0] if stop else None,
-            logits_processor=transformers.LogitsProcessorList([_KnownIds(len(tokenizer))]),
-            **media)  # fmt: skip
-    return tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
+    pieces = transformers.TextIteratorStreamer(tokenizer, skip_prompt=True,
+                                               skip_special_tokens=True)  # fmt: skip
+    sampling = {"do_sample": True, "temperature": temp, "top_k": 0} if temp > 0 else \
+        {"do_sample": False}  # fmt: skip
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with torch.no_grad():
+                loaded.model.generate(
+                    input_ids=inputs, attention_mask=torch.ones_like(inputs),
+                    max_new_tokens=max_tokens, eos_token_id=stop,
+                    pad_token_id=stop[0] if stop else None, streamer=pieces,
+                    logits_processor=transformers.LogitsProcessorList([_KnownIds(len(tokenizer))]),
+                    **sampling, **media)  # fmt: skip
+        except BaseException as e:  # raised again in the caller's thread
+            failed.append(e)
+            pieces.end()
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    for piece in pieces:
+        if piece:
+            yield piece
+    worker.join()
+    if failed:
+        raise failed[0]
 
 
 def exact_match(loaded: model_lib.Loaded, rows: list[Row], max_rows: int | None = None,

@@ -58,11 +58,16 @@ def tensor_shapes(folder: str | Path) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape of every *.safetensors file in `folder`, from the headers alone."""
     shapes = {}
     for path in sorted(Path(folder).glob("*.safetensors")):
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        shapes |= {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+        shapes |= tensor_shapes_of(path)
     return shapes
+
+
+def tensor_shapes_of(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape in one safetensors file, from its header."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
 
 
 def match_names(ours: list[str], theirs: list[str]) -> dict[str, str]:

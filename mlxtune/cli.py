@@ -59,16 +59,9 @@ def mlx_command(fn: Callable) -> Callable:
 
 def _engine(cfg):
     """The trainer module of the configured backend: MLX, or the PyTorch twin."""
-    if cfg.model.backend == "cuda":
-        try:
-            from cuda_backend import trainer
-        except ImportError as e:
-            raise MlxtuneError(f"model.backend cuda needs torch and transformers "
-                               f"(pip install 'mlxtune[cuda]'): {e}") from None  # fmt: skip
-        return trainer
-    from . import trainer
+    from .api import engine_of
 
-    return trainer
+    return engine_of(cfg)
 
 
 def _load(config_path: str | None, overrides: tuple[str, ...]):
@@ -198,26 +191,9 @@ def prepare(config, overrides, verify):
 @mlx_command
 def eval_(config, overrides, adapter, data_file, max_rows):
     """Loss, perplexity and exact-match accuracy of CONFIG's model on a data file, as JSON."""
-    cfg = _load(config, overrides)
-    path = data_file or cfg.data.valid
-    if not path:
-        raise MlxtuneError("data.valid: not set; give it in the config or pass --data FILE")
-    from .data.rows import read_rows
+    from .api import evaluate
 
-    trainer = _engine(cfg)
-    engine = trainer.setup(cfg, adapter)
-    result = {"data": str(path), **trainer.evaluate(engine, engine.dataset(path))}
-    if max_rows:  # the same metrics on both backends
-        rows = read_rows(path)
-        if cfg.model.backend == "cuda":
-            from cuda_backend.generate import exact_match as twin_exact_match
-
-            result |= twin_exact_match(engine.loaded, rows, max_rows, engine.media)
-        else:
-            from .generate import exact_match
-
-            result |= exact_match(engine.model, engine.loaded.wrapper, rows, max_rows,
-                                  engine.media)  # fmt: skip
+    result = evaluate(_load(config, overrides), data_file, adapter=adapter, max_rows=max_rows)
     click.echo(json.dumps(result, indent=2))
 
 
@@ -236,22 +212,10 @@ def eval_(config, overrides, adapter, data_file, max_rows):
 @mlx_command
 def generate(model, adapter, prompt, image, audio, max_tokens, temp):
     """Stream a reply from MODEL (optionally with an adapter, images and audio clips)."""
-    from . import generate as gen
-    from . import model as model_lib
-    from .config import Config, ModelConfig
-    from .trainer import attach
+    from .api import load
 
-    loaded = model_lib.load(ModelConfig(path=model))
-    cfg = Config()
-    if adapter:
-        run_config = Path(adapter) / "config.yaml"  # a run folder: its image budget applies
-        cfg = _load(str(run_config), ()) if run_config.is_file() else cfg
-        attach(loaded, cfg, Path(adapter))
-    if image or audio:
-        text = gen.media_prompt(loaded, prompt, image, audio, cfg.data.image_soft_tokens)
-    else:
-        text = gen.user_prompt(loaded.tokenizer, prompt)
-    for piece in gen.stream(loaded.model, loaded.wrapper, text, max_tokens, temp):
+    for piece in load(model, adapter).stream(prompt, images=image, audio=audio,
+                                             max_tokens=max_tokens, temp=temp):  # fmt: skip
         click.echo(piece, nl=False)
     click.echo()
 
@@ -259,14 +223,33 @@ def generate(model, adapter, prompt, image, audio, max_tokens, temp):
 @cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.argument("out", type=click.Path())
-@click.option("--format", "fmt", type=click.Choice(["peft", "mlx-lm", "merged"]), default="peft",
-              show_default=True, help="PEFT adapter, mlx-lm adapter, or a merged HF model folder.")  # fmt: skip
+@click.option("--format", "fmt", default="peft", show_default=True,
+              type=click.Choice(["peft", "mlx-lm", "merged", "gguf", "gguf-lora"]),
+              help="PEFT adapter, mlx-lm adapter, a merged HF model folder, a merged GGUF file, "
+                   "or the base's GGUF and the adapter's (llama.cpp LoRA); GGUF comes with an "
+                   "Ollama Modelfile.")  # fmt: skip
+@click.option("--quant", type=click.Choice(["f32", "f16", "q8_0", "q4_k_m"]), default="f16",
+              show_default=True, help="gguf, gguf-lora: the model weights' type.")  # fmt: skip
+@click.option(
+    "--push-to-hub",
+    "repo",
+    metavar="REPO",
+    help="Upload the export with a model card to this Hugging Face repo (user/name).",
+)
+@click.option("--private", is_flag=True, help="--push-to-hub: make the repo private.")
 @mlx_command
-def export(run_dir, out, fmt):
-    """Export RUN_DIR's adapter as PEFT, mlx-lm, or a merged Hugging Face model folder."""
+def export(run_dir, out, fmt, quant, repo, private):
+    """Export RUN_DIR's adapter as PEFT, mlx-lm, a merged Hugging Face model folder, or GGUF."""
     from .export import export as run
 
-    click.echo(f"wrote {run(run_dir, out, fmt)} ({fmt})")
+    folder = run(run_dir, out, fmt, quant, repo, private)
+    click.echo(f"wrote {folder} ({fmt})" + (f"; pushed to {repo}" if repo else ""))
+    if fmt.startswith("gguf"):
+        model = next(p for p in folder.glob("*.gguf") if not p.stem.endswith("-lora"))
+        lora = next((f" --lora {p}" for p in folder.glob("*-lora.gguf")), "")
+        name = Path(run_dir).resolve().name.lower()
+        click.echo(f"run it: ollama create {name} -f {folder / 'Modelfile'} && ollama run {name}"
+                   f"\n    or: llama-cli -m {model}{lora} -cnv")  # fmt: skip
 
 
 @cli.group(cls=_Group)

@@ -330,12 +330,23 @@ class Config:
 # ----------------------------------------------------------------------------------- loading
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults < YAML file < `--set a.b=value` overrides. Raises ConfigError (one line)."""
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
+                sections: Mapping[str, Any] | None = None, origin: str = "") -> Config:  # fmt: skip
+    """Defaults < YAML file < `sections` (Python values by section, as `mlxtune.train(lora=
+    {"rank": 16})` passes them; errors name `origin`) < `--set a.b=value` overrides. Raises
+    ConfigError (one line)."""
     raw: dict[str, Any] = {}
     where: dict[str, str] = {}  # dotted key -> "file:line" or "--set key=value"
     if path is not None:
         raw, where = _read_yaml(Path(path))
+    for section, value in (sections or {}).items():
+        where[section] = f"{origin}({section}=...)"
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                _set_dotted(raw, f"{section}.{key}", item, origin or section)
+                where[f"{section}.{key}"] = f"{origin}({section}={{{key!r}: ...}})"
+        else:
+            raw[section] = value
     for item in overrides:
         key, sep, text = item.partition("=")
         key = key.strip()

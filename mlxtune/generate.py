@@ -52,8 +52,10 @@ def chat_prompt(tokenizer, row: Row, plan: MediaPlan | None = None,
     return Prompt(ids=ex.ids, media=media_arrays(placed, len(ex.ids), round_up=round_up))
 
 
-def media_prompt(loaded, text: str, images=(), audio=(), image_soft_tokens=None) -> Prompt:
-    """One user turn: the images, then the clips, then the text (`mlxtune generate`)."""
+def media_prompt(loaded, text: str, images=(), audio=(), image_soft_tokens=None,
+                 round_up: bool = True) -> Prompt:  # fmt: skip
+    """One user turn: the images, then the clips, then the text (`mlxtune generate`);
+    `round_up` as `chat_prompt`'s."""
     from .errors import MlxtuneError
 
     plan = loaded.media_plan(image_soft_tokens)
@@ -64,7 +66,7 @@ def media_prompt(loaded, text: str, images=(), audio=(), image_soft_tokens=None)
     for part in parts:  # each file checked once, with the option it came from in the message
         plan.item(part["type"], part[part["type"]], f"--{part['type']}")
     message = {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
-    return chat_prompt(loaded.tokenizer, Row("prompt", "chat", (message,)), plan)
+    return chat_prompt(loaded.tokenizer, Row("prompt", "chat", (message,)), plan, round_up)
 
 
 def stream(model, wrapper, prompt: Prompt | str, max_tokens: int, temp: float = 0.0

@@ -18,7 +18,8 @@ def heavy_modules_after(code: str) -> list[str]:
 def test_light_imports():
     code = (
         "import mlxtune, mlxtune.config, mlxtune.cli, mlxtune.env, mlxtune.tiny, "
-        "mlxtune.tiny.real, fusion, cuda_backend"
+        "mlxtune.tiny.real, mlxtune.api, fusion, cuda_backend\n"
+        "mlxtune.load, mlxtune.train, mlxtune.evaluate, mlxtune.Model, mlxtune.Run"
     )
     assert heavy_modules_after(code) == []
 
