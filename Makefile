@@ -12,7 +12,7 @@ PRELOAD  := $(if $(wildcard $(OPENBLAS)),LD_PRELOAD=$(OPENBLAS),)
 VISION_SITE := $(VENV)/vision-site
 VISION_PKGS := torchvision==0.28.0 timm==1.0.31
 
-.PHONY: setup openblas real-model test test-all notebooks lint fmt bench gpu-wheels
+.PHONY: setup openblas real-model test test-all notebooks lint fmt bench gpu-wheels llama-cpp
 
 setup: openblas
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,13 @@ setup: openblas
 # A no-op once written.
 real-model:
 	$(BIN)/python -m mlxtune.tiny.real
+
+# llama.cpp's Python bindings (compiled from source, ~10 min on 2 cores) for the slow test that
+# llama.cpp itself loads our GGUF export (tests/test_real_model.py); not part of setup.
+llama-cpp:
+	CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_EXAMPLES=OFF \
+	  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DGGML_OPENMP=OFF" \
+	  $(BIN)/python -m pip install --quiet 'llama-cpp-python==0.3.36'
 
 # Debian/Ubuntu only, and only with root or passwordless sudo; elsewhere a no-op.
 openblas:

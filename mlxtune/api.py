@@ -30,10 +30,13 @@ import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import Config, load_config
 from .errors import ConfigError, DataError, MlxtuneError
+
+if TYPE_CHECKING:
+    from .plan import Plan
 
 __all__ = ["Model", "Run", "engine_of", "evaluate", "load", "make_config", "memory_plan", "train"]
 
@@ -169,10 +172,11 @@ class Plot:
 class Run:
     """A run folder: its config, metrics, plot, exports, and the model it trained."""
 
-    dir: Path
+    dir: Path  # the run folder: config.yaml, metrics.jsonl, the adapter, checkpoints/
 
     @property
     def config(self) -> Config:
+        """The run's settings, as its config.yaml holds them."""
         return load_config(self.dir / "config.yaml")
 
     @property
@@ -217,7 +221,7 @@ def make_config(config: str | Path | Config | None = None, /, *,
 
 def memory_plan(config: str | Path | Config | None = None, /, *,
                 model: str | Path | None = None, vram_gb: float | None = None,
-                ram_gb: float | None = None, ranks: int = 1, **sections: Any):  # fmt: skip
+                ram_gb: float | None = None, ranks: int = 1, **sections: Any) -> Plan:  # fmt: skip
     """`mlxtune plan`: the memory of a run of this config per component, while training and
     while loading, on a GPU of `vram_gb` (or a Mac's unified memory) with `ram_gb` of host
     RAM, on each of `ranks` data-parallel devices. Returns a `mlxtune.plan.Plan`: `.table()`,

@@ -129,3 +129,20 @@ def test_plot_shows_inline_and_metrics_are_the_files_rows(run):
     assert plot._repr_png_()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = (run.dir / "metrics.jsonl").read_text().splitlines()
     assert run.metrics == [json.loads(x) for x in lines]
+
+
+def test_everything_public_has_a_docstring_and_type_hints():
+    import inspect
+
+    for name in mt.__all__:
+        obj = getattr(mt, name)
+        assert inspect.getdoc(obj), name
+        members = [obj] if inspect.isfunction(obj) else [
+            m for k, m in vars(obj).items() if not k.startswith("_") and callable(m)]  # fmt: skip
+        for fn in members:
+            sig = inspect.signature(fn)
+            assert inspect.getdoc(fn), f"{name}.{fn.__name__}"
+            missing = [p for p in sig.parameters.values() if p.name != "self"
+                       and p.annotation is inspect.Parameter.empty]  # fmt: skip
+            assert not missing and sig.return_annotation is not inspect.Signature.empty, \
+                (name, fn.__name__, missing)  # fmt: skip

@@ -208,6 +208,7 @@ def test_two_ranks_take_the_steps_of_one_process_with_twice_the_batch(
         assert total / RANKS <= mine <= total / RANKS * 1.01, (mine, total)
 
 
+@pytest.mark.slow
 def test_a_sharded_run_resumes_on_two_ranks_and_on_one_to_the_straight_runs_weights(
     tiny, config, tmp_path
 ):

@@ -226,3 +226,66 @@ def test_the_merged_export_answers_as_mlxtune_with_the_adapter(folder, task, lor
     assert cli.returncode == 0, cli.stderr
     _, hf_ids, _ = hf_greedy(hf, [{"role": "user", "content": words}], 12)
     assert cli.stdout.strip() == tokenizer.decode(hf_ids, skip_special_tokens=True).strip()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["f32", "q8_0"])
+def test_the_gguf_export_answers_as_mlxtune_with_the_adapter(folder, task, lora_run, tmp_path,
+                                                             quant):  # fmt: skip
+    """transformers' GGUF loader on our file (f32: the same greedy tokens and margins as mlxtune
+    with the adapter; q8_0: 8-bit weights still answer by the taught rule)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / quant
+    done = mlxtune("export", lora_run, out, "--format", "gguf", "--quant", quant)
+    assert done.returncode == 0, done.stderr
+    assert "ollama create" in done.stdout and "llama-cli -m" in done.stdout
+    name = next(out.glob("*.gguf")).name
+    model = AutoModelForCausalLM.from_pretrained(out, gguf_file=name, dtype=torch.float32).eval()
+    hf = (model, AutoTokenizer.from_pretrained(out, gguf_file=name))
+    loaded = model_lib.load(ModelConfig(path=str(folder), dtype="float32"))
+    trainer.attach(loaded, load_config(lora_run / "config.yaml"), lora_run)
+    said = []
+    for row in read_rows(task / "valid.jsonl")[:4]:
+        question, _ = gen.answered(row)
+        _, hf_ids, hf_gaps = hf_greedy(hf, list(question.messages), 12)
+        said.append(hf[1].decode(hf_ids, skip_special_tokens=True))
+        if quant == "f32":
+            prompt = gen.chat_prompt(loaded.tokenizer, question)
+            _, ids, gaps, _ = mlx_greedy(loaded.model, loaded.wrapper, prompt, 12)
+            assert_same_tokens(question.messages[-1]["content"], (ids, gaps),
+                               (hf_ids, hf_gaps), hf[1])  # fmt: skip
+    assert sum(s.startswith("ANSWER: ") for s in said) >= 3, said
+    assert "<|im_start|>" in (out / "Modelfile").read_text()  # SmolLM2 chats in ChatML
+
+
+@pytest.mark.slow
+def test_llama_cpp_reads_our_gguf_and_decodes_mlxtunes_greedy_tokens(folder, task, lora_run,
+                                                                     tmp_path):  # fmt: skip
+    """llama.cpp itself (llama-cpp-python, compiled here by `make llama-cpp`) loads the f32 GGUF
+    export: its tokenizer gives the chat prompt's ids, and its greedy tokens are mlxtune's."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+
+    out = tmp_path / "gguf"
+    done = mlxtune("export", lora_run, out, "--format", "gguf", "--quant", "f32")
+    assert done.returncode == 0, done.stderr
+    llm = llama_cpp.Llama(model_path=str(next(out.glob("*.gguf"))), n_ctx=512, verbose=False,
+                          seed=0)  # fmt: skip
+    loaded = model_lib.load(ModelConfig(path=str(folder), dtype="float32"))
+    trainer.attach(loaded, load_config(lora_run / "config.yaml"), lora_run)
+    eos = llm.token_eos()
+    for row in read_rows(task / "valid.jsonl")[:4]:
+        question, _ = gen.answered(row)
+        prompt = gen.chat_prompt(loaded.tokenizer, question)
+        want = loaded.tokenizer(prompt.text, add_special_tokens=False)["input_ids"]
+        ids = llm.tokenize(prompt.text.encode(), add_bos=False, special=True)
+        assert ids == want, question.messages[-1]["content"]
+        _, ours, _, _ = mlx_greedy(loaded.model, loaded.wrapper, prompt, 12)
+        theirs = []
+        llm.reset()
+        for token in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+            theirs.append(token)
+            if token == eos or len(theirs) == len(ours):
+                break
+        assert theirs == ours, (question.messages[-1]["content"], theirs, ours)
