@@ -206,9 +206,9 @@ class Run:
         return export(self.dir, out, format, quant, push_to_hub, private)
 
     def load(self, **model_options: Any) -> Model:
-        """The run's base model with its adapter."""
-        cfg = self.config
-        return load(cfg.model.path, self, backend=cfg.model.backend, **model_options)
+        """The run's base model with its adapter; `model_options` override the run's `model`
+        section (`backend="cuda"`, `dtype="float32"`, ...)."""
+        return load(self.config.model.path, self, **model_options)
 
 
 def make_config(config: str | Path | Config | None = None, /, *,

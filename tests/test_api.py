@@ -146,3 +146,14 @@ def test_everything_public_has_a_docstring_and_type_hints():
                        and p.annotation is inspect.Parameter.empty]  # fmt: skip
             assert not missing and sig.return_annotation is not inspect.Signature.empty, \
                 (name, fn.__name__, missing)  # fmt: skip
+
+
+def test_the_twin_answers_as_mlx_does_through_the_same_calls(run):
+    """`backend="cuda"` (the PyTorch twin, on the CPU here): the same greedy reply, streamed in
+    pieces by transformers' TextIteratorStreamer."""
+    pytest.importorskip("torch")
+    question = "What colour is the sky?"
+    mlx_reply = run.load().generate(question, max_tokens=12)
+    twin = run.load(backend="cuda")
+    assert twin.generate(question, max_tokens=12) == mlx_reply
+    assert "".join(twin.stream(question, max_tokens=12)) == mlx_reply

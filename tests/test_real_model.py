@@ -289,3 +289,22 @@ def test_llama_cpp_reads_our_gguf_and_decodes_mlxtunes_greedy_tokens(folder, tas
             if token == eos or len(theirs) == len(ours):
                 break
         assert theirs == ours, (question.messages[-1]["content"], theirs, ours)
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_our_q4_k_m_file_and_it_still_follows_the_rule(lora_run, task, tmp_path):
+    """Our Q4_K / Q6_K bytes as llama.cpp's own kernels read them: 4-bit weights, still the
+    taught answers (garbage if a block were packed wrong)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+
+    out = tmp_path / "q4"
+    done = mlxtune("export", lora_run, out, "--format", "gguf", "--quant", "q4_k_m")
+    assert done.returncode == 0, done.stderr
+    llm = llama_cpp.Llama(model_path=str(next(out.glob("*.gguf"))), n_ctx=512, verbose=False)
+    said = []
+    for row in read_rows(task / "valid.jsonl")[:4]:
+        question, _ = gen.answered(row)
+        reply = llm.create_chat_completion(messages=list(question.messages), max_tokens=12,
+                                           temperature=0.0, top_k=1)  # fmt: skip
+        said.append(reply["choices"][0]["message"]["content"])
+    assert sum(s.startswith("ANSWER: ") for s in said) >= 3, said
