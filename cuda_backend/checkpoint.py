@@ -27,10 +27,11 @@ from mlxtune.runs import CHECKPOINTS, RunState, all_checkpoints
 __all__ = ["RunState", "save", "restore", "all_checkpoints"]
 
 
-def tensors(model: torch.nn.Module, optimizer) -> tuple[dict, dict]:
-    """The trained parameters and AdamW's state, whole and on the CPU, under the names a
-    checkpoint gives them. With sharded parameters (cuda_backend/shard.py) every rank calls
-    this: each tensor is gathered from the ranks' shards in turn."""
+def tensors(model: torch.nn.Module, optimizer=None) -> tuple[dict, dict]:
+    """The trained parameters and AdamW's state (none without `optimizer`), whole and on the
+    CPU, under the names a checkpoint gives them. With sharded parameters
+    (cuda_backend/shard.py) every rank calls this: each tensor is gathered from the ranks'
+    shards in turn."""
     from .shard import full
 
     weights, moments = {}, {}
@@ -38,7 +39,7 @@ def tensors(model: torch.nn.Module, optimizer) -> tuple[dict, dict]:
     for k, p in named:
         weights[k] = full(p.detach()).cpu().contiguous()
     names = {id(p): k for k, p in named}
-    for group in optimizer.param_groups:
+    for group in optimizer.param_groups if optimizer is not None else ():
         for p in group["params"]:
             for key, value in optimizer.state.get(p, {}).items():
                 value = value if torch.is_tensor(value) else torch.tensor(float(value))

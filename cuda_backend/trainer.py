@@ -439,7 +439,7 @@ def _train(cfg: Config, resume: bool, echo, ranks: Ranks) -> Path:
                 checkpoint.save(run_dir, state, weights, moments,
                                 partial(engine.write_adapter, weights=weights),
                                 cfg.output.keep_checkpoints)  # fmt: skip
-    weights = checkpoint.tensors(model, optimizer)[0] if main or sharded else None
+    weights = checkpoint.tensors(model)[0] if main or sharded else None
     if main:
         write_final(run_dir, partial(engine.write_adapter, weights=weights))
     say(f"done: {run_dir}")

@@ -301,7 +301,7 @@ def _config(config, model, data, sections: dict, origin: str) -> Config:
             sections["model"] = {**sections.get("model", {}), "path": str(model)}
     if isinstance(config, Config):
         if sections or data is not None:
-            merged = {k: v for k, v in config.to_dict().items()}
+            merged = config.to_dict()
             for k, v in sections.items():
                 merged[k] = {**merged.get(k, {}), **v} if isinstance(v, Mapping) else v
             sections = merged
@@ -339,12 +339,10 @@ def _data_files(data: DataLike, cfg: Config) -> dict[str, str]:
 
 def _splits(data) -> dict | None:
     """A Hugging Face DatasetDict's splits as train/valid, else None."""
-    keys = getattr(data, "keys", None)
-    if not callable(keys) or isinstance(data, Mapping) and not hasattr(data, "column_names"):
+    if not isinstance(data, Mapping) or not data or \
+            not all(hasattr(split, "column_names") for split in data.values()):  # fmt: skip
         return None
-    names = list(keys())
-    if not names or not all(hasattr(data[n], "column_names") for n in names):
-        return None
+    names = list(data)
     train_split = "train" if "train" in names else names[0]
     valid_split = next((n for n in ("valid", "validation", "test") if n in names), None)
     out = {"train": data[train_split]}
