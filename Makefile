@@ -28,8 +28,9 @@ setup: openblas
 real-model:
 	$(BIN)/python -m mlxtune.tiny.real
 
-# llama.cpp's Python bindings (compiled from source, ~10 min on 2 cores) for the slow test that
-# llama.cpp itself loads our GGUF export (tests/test_real_model.py); not part of setup.
+# llama.cpp's Python bindings (compiled from source, ~6-10 min on 2 cores) for the tests that
+# llama.cpp itself loads our GGUF exports (tests/test_real_model.py, tests/test_export.py);
+# not part of setup (those tests skip without it); `make test-all` builds it.
 llama-cpp:
 	CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_EXAMPLES=OFF \
 	  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DGGML_OPENMP=OFF" \
@@ -47,7 +48,8 @@ openblas:
 test:
 	$(PRELOAD) $(BIN)/python -m pytest
 
-test-all:
+# Everything, the slow tests and llama.cpp's included (builds its bindings once, a no-op after).
+test-all: llama-cpp
 	$(PRELOAD) $(BIN)/python -m pytest -m ""
 
 # Every notebooks/*.ipynb top to bottom; executed copies in runs/notebooks/.

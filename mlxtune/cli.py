@@ -248,6 +248,9 @@ def export(run_dir, out, fmt, quant, repo, private):
         model = next(p for p in folder.glob("*.gguf") if not p.stem.endswith("-lora"))
         lora = next((f" --lora {p}" for p in folder.glob("*-lora.gguf")), "")
         name = Path(run_dir).resolve().name.lower()
+        for line in (folder / "Modelfile").read_text(encoding="utf-8").splitlines():
+            if line.startswith("# "):  # what the file leaves out
+                click.echo(f"note: {line[2:]}")
         click.echo(f"run it: ollama create {name} -f {folder / 'Modelfile'} && ollama run {name}"
                    f"\n    or: llama-cli -m {model}{lora} -cnv")  # fmt: skip
 

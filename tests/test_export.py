@@ -137,21 +137,76 @@ def test_a_family_llama_cpp_would_need_another_writer_for_is_refused_in_one_line
                                                                                  tmp_path):  # fmt: skip
     from mlxtune.errors import ModelError
 
-    run_dir = trained("gemma4")
+    run_dir = trained("gemma3n")
     with pytest.raises(ModelError) as e:
         export(run_dir, tmp_path / "g", "gguf")
-    assert "model_type gemma4: GGUF export supports the llama architecture" in str(e.value)
+    assert "model_type gemma3n: GGUF export supports the llama architecture" in str(e.value)
     assert "\n" not in str(e.value) and not (tmp_path / "g").exists()
 
 
-def test_the_lora_gguf_on_the_base_gguf_is_the_merged_gguf(wide_run, tmp_path):
+@pytest.fixture(scope="module")
+def gemma4_run(tmp_path_factory):
+    """A LoRA run on the tiny Gemma 4 (per-layer inputs, KV-shared double-wide tail,
+    proportional rope) with a sliding window of 6, shorter than the prompts, so llama.cpp's
+    sliding layers are checked too."""
+    from mlxtune.tiny import make_tiny
+
+    root = tmp_path_factory.mktemp("gemma4")
+    model = make_tiny(root / "gemma4", "gemma4")
+    config = json.loads((model / "config.json").read_text())
+    config["text_config"]["sliding_window"] = 6
+    (model / "config.json").write_text(json.dumps(config))
+    rows = [json.loads(x) for x in (DATA / "chat_train.jsonl").read_text().splitlines()]
+    run = mt.train(model=str(model), data={"train": rows, "max_seq_len": 128},
+                   output={"dir": str(root / "run")}, echo=None, **QLORA)  # fmt: skip
+    return run, export(run.dir, root / "merged", "merged")
+
+
+@pytest.mark.parametrize("quant, bound", [("f32", 2e-3), ("q8_0", 0.15)])
+def test_llama_cpp_runs_our_gemma4_gguf_with_the_merged_models_logits(gemma4_run, tmp_path,
+                                                                      quant, bound):  # fmt: skip
+    """llama.cpp (llama-cpp-python, `make llama-cpp`) loads the Gemma 4 text decoder we wrote:
+    its tokenizer gives the Hugging Face tokenizer's ids and its logits at every position are
+    transformers' on the merged export (f32: within llama.cpp's float16 KV cache; q8_0:
+    within what 8-bit weights and llama.cpp's 8-bit rounding of the activations lose on a
+    random 64-wide model, ~0.1 of the largest logit; a wrongly packed block is off by order
+    1). Break-check: rope_freqs without the 1e30 factors on the unrotated dimensions is off
+    by 7e-2 in f32."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+
+    run, merged = gemma4_run
+    out = run.export(tmp_path / quant, format="gguf", quant=quant)
+    text = "<bos><|turn>user\nThe quick brown fox jumps over the lazy dog; add(2, 3)?<turn|>\n"
+    ids = transformers.AutoTokenizer.from_pretrained(merged)(text, add_special_tokens=False)[
+        "input_ids"]  # fmt: skip
+    llm = llama_cpp.Llama(model_path=str(next(out.glob("*.gguf"))), n_ctx=128, logits_all=True,
+                          verbose=False)  # fmt: skip
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
+    assert len(ids) > 3 * 6  # past the sliding window
+    llm.eval(ids)
+    got = np.array(llm.scores[: len(ids)])
+    model = transformers.AutoModelForImageTextToText.from_pretrained(merged,
+                                                                     dtype=torch.float32)  # fmt: skip
+    with torch.no_grad():
+        want = model.eval()(torch.tensor([ids])).logits[0].numpy()
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert err <= bound, (quant, err)
+    modelfile = (out / "Modelfile").read_text()
+    assert "<|turn>{{ if eq .Role" in modelfile and 'PARAMETER stop "<turn|>"' in modelfile
+    assert "# Text only" in modelfile
+
+
+@pytest.mark.parametrize("which", ["wide_run", "gemma4_run"])
+def test_the_lora_gguf_on_the_base_gguf_is_the_merged_gguf(which, request, tmp_path):
     """llama.cpp adds (alpha / rank) B A to each named base weight: done here on our base and
     adapter files (read with the gguf package), it gives the merged file's weights, which
-    transformers reads as the merged model (the test above). So names, shapes, the permuted
-    rows of q and k, and alpha agree with the merged export."""
+    transformers and llama.cpp read as the merged model (the tests above). So names, shapes,
+    the permuted rows of q and k (llama), and alpha agree with the merged export."""
     from gguf import GGUFReader
 
-    run, _ = wide_run
+    run, _ = request.getfixturevalue(which)
     parts = run.export(tmp_path / "lora", format="gguf-lora", quant="f32")
     merged = run.export(tmp_path / "merged", format="gguf", quant="f32")
     base = GGUFReader(parts / "base-f32.gguf")
@@ -169,7 +224,8 @@ def test_the_lora_gguf_on_the_base_gguf_is_the_merged_gguf(wide_run, tmp_path):
             w = w + alpha / a.shape[0] * (b @ a)
             changed += 1
         np.testing.assert_allclose(w, whole[t.name], rtol=1e-5, atol=1e-6, err_msg=t.name)
-    assert changed == len(adapter) // 2 and changed >= 4 * 7  # every projection of 4 blocks
+    # every adapted projection of the 4 blocks (Gemma 4's KV-shared ones have no k and v)
+    assert changed == len(adapter) // 2 and changed >= 4 * 7 - 2 * 2 * (which == "gemma4_run")
     modelfile = (parts / "Modelfile").read_text()
     assert modelfile.startswith(f"FROM ./base-f32.gguf\nADAPTER ./{run.dir.name}-lora.gguf\n")
 

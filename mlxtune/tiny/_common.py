@@ -70,14 +70,27 @@ class Checkpoint:
 
 def build_tokenizer(spec: TokenizerSpec, learned: int = DEFAULT_LEARNED):
     """A small BPE tokenizer with the family's real special tokens at ids 0..k-1."""
-    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        normalizers,
+        pre_tokenizers,
+        processors,
+    )
     from tokenizers.models import BPE
     from tokenizers.trainers import BpeTrainer
 
     if spec.style == "sentencepiece":
-        # Gemma's layout: spaces become '▁', byte-fallback tokens <0x00>..<0xFF> cover any text.
+        # Gemma's layout: spaces become '▁', byte-fallback tokens <0x00>..<0xFF> cover any text,
+        # and no token mixes newlines with other text (llama.cpp's gemma4 tokenizer splits
+        # newline runs off before merging, as the real vocabulary allows).
         normalizer = normalizers.Replace(" ", "▁")
-        pre = pre_tokenizers.Split("▁", behavior="merged_with_next")
+        pre = pre_tokenizers.Sequence([
+            pre_tokenizers.Split("▁", behavior="merged_with_next"),
+            pre_tokenizers.Split(Regex("\n+"), behavior="isolated"),
+        ])  # fmt: skip
         decoder = decoders.Sequence(
             [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
         )
