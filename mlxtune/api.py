@@ -249,7 +249,9 @@ def evaluate(model: str | Path | Model | Run | Config, data: DataLike | None = N
              adapter: str | Path | Run | None = None, max_rows: int = 200,
              **sections: Any) -> dict:  # fmt: skip
     """Loss, perplexity and exact-match accuracy (greedy answers to rows that end with one,
-    at most `max_rows`; 0 skips it) of `model` on `data` (default: the config's data.valid).
+    at most `max_rows`; 0 skips it) of `model` on `data` (default: the config's data.valid);
+    for preference pairs (rows with chosen and rejected), `choice_accuracy`, the share of
+    pairs whose chosen answer the model finds likelier, and each side's mean log-probability.
     `model`: an id or folder, a loaded `Model` (its base and adapter), a `Run` (its model
     and adapter) or a `Config`."""
     if isinstance(model, Run):
@@ -270,10 +272,17 @@ def evaluate(model: str | Path | Model | Run | Config, data: DataLike | None = N
 
 
 def _evaluate(cfg: Config, path: str, adapter: Path | None, max_rows: int) -> dict:
+    from .data.pairs import holds_pairs
     from .data.rows import read_rows
 
     trainer = engine_of(cfg)
     engine = trainer.setup(cfg, adapter)
+    if holds_pairs(path):  # preference pairs: how the model ranks each pair's answers
+        if cfg.model.backend == "cuda":
+            raise ConfigError(f"{path}: preference pairs are evaluated on the mlx backend for now")
+        from .preference import evaluate_file
+
+        return {"data": path, **evaluate_file(engine, path)}
     result = {"data": path, **trainer.evaluate(engine, engine.dataset(path))}
     if max_rows:  # the same metrics on both backends
         rows = read_rows(path)

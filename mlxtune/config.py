@@ -126,6 +126,24 @@ class LoRAConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
+    method: Literal["sft", "dpo", "orpo"] = opt(
+        "sft",
+        "sft: learn the assistant turns; dpo / orpo: learn preferences from rows with prompt, "
+        "chosen and rejected (TRL's shapes)",
+    )
+    beta: float = opt(
+        0.1,
+        "dpo: how far the policy may move from the reference (the weights at step 0); orpo: "
+        "weight of the odds-ratio term",
+    )
+    dpo_loss: Literal["sigmoid", "robust", "ipo", "hinge"] = opt(
+        "sigmoid", "dpo: TRL's loss_type of the same name"
+    )
+    label_smoothing: float = opt(
+        0.0,
+        "dpo, sigmoid and robust: share of preference labels assumed flipped, in [0, 0.5) "
+        "(sigmoid: conservative DPO)",
+    )
     iters: int | None = opt(None, "Optimizer steps; set this or epochs")
     epochs: float | None = opt(None, "Passes over the data; iters and epochs both null = 1 epoch")
     batch_size: int | None = opt(
@@ -184,6 +202,9 @@ class TrainConfig:
         _positive(self, "report_every", "max_grad_norm", "eval_batches")
         _positive(self, "ce_chunk_tokens", "media_cache_gb", allow_zero=True)
         _positive(self, "warmup_steps", "weight_decay", "eval_every", "save_every", allow_zero=True)
+        _positive(self, "beta")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise Invalid("label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
 
 
 @dataclass(frozen=True, kw_only=True)

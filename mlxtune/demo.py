@@ -48,11 +48,42 @@ def write_task(
     folder: Path, n_train: int = 400, n_valid: int = 48, seed: int = 0
 ) -> tuple[Path, Path]:
     """train.jsonl and valid.jsonl in `folder`; valid uses a different seed (new filler)."""
+    return _write_splits(folder, rows(seed, n_train), rows(seed + 1000, n_valid))
+
+
+def _write_splits(folder: Path, train: list[dict], valid: list[dict]) -> tuple[Path, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = folder / "train.jsonl", folder / "valid.jsonl"
-    for path, data in zip(paths, (rows(seed, n_train), rows(seed + 1000, n_valid)), strict=True):
+    for path, data in zip(paths, (train, valid), strict=True):
         path.write_text("".join(json.dumps(r) + "\n" for r in data), encoding="utf-8")
     return paths
+
+
+def preference_rows(seed: int, n: int, conversational: bool = True) -> list[dict]:
+    """Preference pairs of the same task: chosen names the words' group, rejected another
+    group (TRL's shapes: conversational message lists, or plain strings)."""
+    rng = np.random.default_rng(seed)
+    groups = list(GROUPS)
+    out = []
+    for _ in range(n):
+        k = int(rng.integers(len(groups)))
+        words = " ".join(rng.choice(GROUPS[groups[k]], size=rng.integers(3, 7)))
+        wrong = groups[(k + 1 + int(rng.integers(len(groups) - 1))) % len(groups)]
+        prompt, chosen, rejected = f"Group: {words}", groups[k], wrong
+        if conversational:
+            prompt = [{"role": "user", "content": prompt}]
+            chosen = [{"role": "assistant", "content": chosen}]
+            rejected = [{"role": "assistant", "content": rejected}]
+        out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return out
+
+
+def write_preference_task(
+    folder: Path, n_train: int = 200, n_valid: int = 48, seed: int = 0
+) -> tuple[Path, Path]:
+    """train.jsonl and valid.jsonl of preference pairs in `folder`."""
+    return _write_splits(folder, preference_rows(seed, n_train),
+                         preference_rows(seed + 1000, n_valid))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ media task

@@ -88,7 +88,9 @@ def new_window(saved: dict | None = None) -> dict:
     """Running sums between two progress reports; `saved` (a checkpoint's) restarts them where
     the stopped run left them, so the next report averages the same steps as a straight run."""
     saved = saved or {}
-    window = {k: saved.get(k, 0) for k in WINDOW_KEYS}
+    window = {k: saved.get(k, 0) for k in WINDOW_KEYS} | {
+        k: v for k, v in saved.items() if k not in WINDOW_KEYS and k != "elapsed"
+    }  # and any other running sum a method keeps (preference metrics)
     window["loss"] = float(window["loss"])
     window["t0"] = time.perf_counter() - saved.get("elapsed", 0.0)
     return window
@@ -96,7 +98,6 @@ def new_window(saved: dict | None = None) -> dict:
 
 def saved_window(window: dict) -> dict:
     """What a checkpoint keeps of the running sums (plain numbers)."""
-    out = {k: window[k] for k in WINDOW_KEYS}
-    out["loss"] = float(out["loss"])
+    out = {k: float(v) if k == "loss" else v for k, v in window.items() if k != "t0"}
     out["elapsed"] = time.perf_counter() - window["t0"]
     return out

@@ -195,16 +195,28 @@ def device_arrays(batch: Batch, multiple: int, cache=None) -> tuple:
     """The micro-batch on device, with the loss positions gathered on the host. With a
     `SoftTokenCache`, the soft tokens of frozen towers come from it, not from the step."""
     w = batch.weights.reshape(-1)
-    gather = np.flatnonzero(w)
+    gather = gather_positions(w > 0, multiple)
+    weights = np.zeros(len(gather), np.float32)
+    weights[: int((w > 0).sum())] = 1.0
+    targets = batch.targets.reshape(-1)[gather]
+    arrays = (batch.inputs, batch.segments, gather, targets, weights)
+    return (*map(mx.array, arrays), media_of(batch, cache))
+
+
+def gather_positions(keep: np.ndarray, multiple: int) -> np.ndarray:
+    """Flat indices where `keep` holds, padded (with index 0) to a multiple of `multiple`, or
+    to a power of two from GATHER_MIN when fewer: few compiled shapes."""
+    gather = np.flatnonzero(keep)
     n = len(gather)
     size = (
         -(-n // multiple) * multiple if n > multiple else max(GATHER_MIN, 1 << (n - 1).bit_length())
     )
-    gather = np.pad(gather, (0, size - len(gather)))
-    weights = np.zeros(size, np.float32)
-    weights[: int((w > 0).sum())] = 1.0
-    targets = batch.targets.reshape(-1)[gather]
-    arrays = (batch.inputs, batch.segments, gather.astype(np.int32), targets, weights)
+    return np.pad(gather, (0, size - n)).astype(np.int32)
+
+
+def media_of(batch: Batch, cache=None) -> dict:
+    """The batch's images and audio as the model takes them (empty for text); with a
+    `SoftTokenCache`, frozen towers' soft tokens come from it."""
     soft = {}
     for kind in cache.kinds if cache is not None else ():
         items = [m for _, m in batch.placed if m.kind == kind]
@@ -214,7 +226,7 @@ def device_arrays(batch: Batch, multiple: int, cache=None) -> tuple:
     media = {k: mx.array(v) for k, v in media.items()}
     for kind, rows in soft.items():
         media[f"{kind}_soft"] = mx.pad(rows, [(0, soft_block(len(rows)) - len(rows)), (0, 0)])
-    return (*map(mx.array, arrays), media)
+    return media
 
 
 def schedule(t: TrainConfig, total: int) -> Callable:
@@ -289,6 +301,10 @@ def _train(cfg: Config, resume: bool, echo, ranks: Ranks) -> Path:
     say = loud if main else (lambda line: None)
     for note in engine.notes + [checkpointing] * bool(checkpointing):
         say(f"note: {note}")
+    if t.method != "sft":
+        from .preference import train_pairs
+
+        return train_pairs(engine, run_dir, resume, say, ranks)
     train_data = engine.dataset(cfg.data.train)
     valid_data = engine.dataset(cfg.data.valid) if cfg.data.valid else None
     for name, data in (("train", train_data), ("valid", valid_data)):

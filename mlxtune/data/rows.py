@@ -52,12 +52,14 @@ class Row:
         return found
 
 
-def read_rows(path: str | Path) -> list[Row]:
-    """Every row of a JSONL file, validated; raises DataError at the first bad one."""
+def read_rows(path: str | Path, parse=None) -> list:
+    """Every row of a JSONL file, validated (by `parse`, default `parse_row`); raises
+    DataError at the first bad one."""
     path = Path(path)
+    parse = parse or parse_row
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    rows = [parse_row(obj, where, str(path.parent)) for obj, where in json_lines(path)]
+    rows = [parse(obj, where, str(path.parent)) for obj, where in json_lines(path)]
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
@@ -104,6 +106,9 @@ def json_lines(path: Path, tolerant: bool = False) -> Iterator[tuple[Any, str]]:
 def parse_row(obj: Any, where: str, folder: str = ".") -> Row:
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {_kind(obj)}")
+    if "chosen" in obj or "rejected" in obj:
+        raise DataError(f"{where}: chosen, rejected: a preference row; train it with "
+                        "train.method dpo or orpo")  # fmt: skip
     if "messages" in obj:
         messages = _messages(obj["messages"], where, "messages")
         tools = obj.get("tools") or []

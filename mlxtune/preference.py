@@ -1,0 +1,308 @@
+"""DPO and ORPO on MLX, with TRL's losses (`train.method: dpo | orpo`).
+
+A micro-batch holds whole pairs, each as two rows (chosen, rejected). Only the positions the
+loss reads go through the head, as for SFT: each side's answer tokens (its log-probability is
+their sum) and, for ORPO, every token of the chosen side (TRL's NLL term covers the prompt
+too). With `train.ce_chunk_tokens` the head runs on a chunk at a time and keeps each token's
+gradient with respect to its hidden state, so no [tokens x vocab] logits wait for the
+backward pass.
+
+DPO's reference is the policy at step 0: for a new adapter (B = 0) or a full fine-tune, the
+base model itself. Its log-probabilities are computed once, in one forward pass over the train
+and validation pairs before the first step, and kept in the run folder (`reference.npz`), so
+no second model is held and a resumed run reads them back.
+
+The loss of a step is the mean over its pairs (ORPO adds the NLL, the mean over the chosen
+sides' tokens), however the pairs fall into micro-batches.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_map
+
+from . import checkpoint, lora
+from .data.batching import Position
+from .data.pairs import (
+    Pairs,
+    host_arrays,
+    nll_tokens,
+    pair_batching,
+    plan_pairs,
+    prepare_pairs,
+    read_pairs,
+    reference_logps,
+)
+from .errors import ConfigError
+from .io import atomic_folder
+from .pairloss import Ops, evaluate_scores, objective
+from .progress import METRICS, Reporter, new_window, saved_window
+from .runs import total_steps, write_final
+
+SUMS = ("pairs", "margin", "accuracy", "chosen_logps", "rejected_logps", "chosen_reward",
+        "rejected_reward", "nll", "choice")  # fmt: skip
+MLX = Ops(nn.log_sigmoid, mx.where, mx.log1p, mx.exp, mx.expm1, mx.log, mx.maximum, mx.minimum,
+          mx.stop_gradient, lambda b: b.astype(mx.float32))  # fmt: skip
+
+
+def token_losses(head, chunk: int, grad: bool = True):
+    """f(hidden [N, D], targets [N]) -> each token's cross-entropy [N] (fp32), the head run on
+    `chunk` rows at a time. With `grad`, each row's gradient is formed in the forward pass (it
+    depends on that row alone) and the backward pass scales it by the row's cotangent."""
+
+    def one(x, t):
+        logits = head(x).astype(mx.float32)
+        ce = mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, t[:, None], -1)[:, 0]
+        return ce.sum(), ce
+
+    if not grad:
+        return lambda h, t: mx.concatenate([one(h[s : s + chunk], t[s : s + chunk])[1]
+                                            for s in range(0, h.shape[0], chunk)])  # fmt: skip
+
+    @mx.custom_function
+    def losses(h, t):
+        ce, grads = [], []
+        for s in range(0, h.shape[0], chunk):
+            hc = h[s : s + chunk]
+            if grads:  # one chunk after another, so one chunk's logits are alive at a time
+                hc = mx.depends(hc, [ce[-1], grads[-1]])
+            (_, c), dh = mx.value_and_grad(partial(one, t=t[s : s + chunk]))(hc)
+            ce.append(c)
+            grads.append(dh)
+        return mx.concatenate(ce), mx.concatenate(grads)
+
+    @losses.vjp
+    def losses_vjp(primals, cotangents, outputs):
+        h, t = primals
+        return (outputs[1] * cotangents[0][:, None]).astype(h.dtype), mx.zeros_like(t)
+
+    return lambda h, t: losses(h, t)[0]
+
+
+def forward_ce(model, split, chunk, inputs, segments, gather, targets, media, masked=True,
+               grad=True) -> mx.array:  # fmt: skip
+    """Cross-entropy of each gathered position's target [N]."""
+    from .model import packed_cache
+
+    cache = packed_cache(model, segments) if masked else None
+    if split is None:
+        logits = model(inputs, cache=cache, **({"media": media} if media else {}))
+        flat = logits.reshape(-1, logits.shape[-1])[gather].astype(mx.float32)
+        return nn.losses.cross_entropy(flat, targets, reduction="none")
+    hidden = split.body(inputs, cache, media)
+    hidden = hidden.reshape(-1, hidden.shape[-1])[gather]
+    return token_losses(split.head, chunk or hidden.shape[0], grad)(hidden, targets)
+
+
+def per_side(ce, owner, answer, whole, rows: int) -> tuple[mx.array, mx.array, mx.array]:
+    """From token losses: each side's answer log-probability and answer tokens ([pairs, 2]
+    each), and each pair's NLL summed over its chosen side's tokens (ORPO) [pairs]."""
+    onehot = (owner[:, None] == mx.arange(rows)[None, :]).astype(mx.float32)
+    logps = (((-ce) * answer) @ onehot).reshape(-1, 2)
+    counts = (answer @ onehot).reshape(-1, 2)
+    nll = ((ce * whole) @ onehot).reshape(-1, 2)[:, 0]
+    return logps, counts, nll
+
+
+def pair_loss(model, split, t, inputs, segments, gather, targets, owner, answer, whole,
+              reference, scales, media, masked=True):  # fmt: skip
+    """The training step's function of a micro-batch: (scaled loss, metric sums)."""
+    ce = forward_ce(model, split, t.ce_chunk_tokens, inputs, segments, gather, targets, media,
+                    masked)  # fmt: skip
+    logps, counts, nll = per_side(ce, owner, answer, whole, inputs.shape[0])
+    return objective(t, logps, counts, nll, reference, scales, MLX)
+
+
+def pair_arrays(pairs: Pairs, batch_pairs: list[int], max_seq_len: int, multiple: int,
+                reference: np.ndarray | None, orpo: bool, cache=None) -> tuple:  # fmt: skip
+    """A micro-batch of pairs on device (`data.pairs.host_arrays`), its media, and the host
+    batch."""
+    from .trainer import gather_positions, media_of
+
+    arrays, batch = host_arrays(pairs, batch_pairs, max_seq_len,
+                                partial(gather_positions, multiple=multiple), reference, orpo)  # fmt: skip
+    return tuple(mx.array(a) for a in arrays), media_of(batch, cache), batch
+
+
+def scores(engine, pairs: Pairs, max_batches: int | None = None) -> dict[str, np.ndarray]:
+    """Every pair under the model as it is now, without gradients: `logps` and `counts`
+    [pairs, 2] (each side's answer log-probability and tokens), `nll` [pairs]."""
+    cfg, model = engine.cfg, engine.model
+    multiple = max(cfg.train.ce_chunk_tokens, 64)
+    orpo = cfg.train.method == "orpo"
+    out = {"logps": np.zeros((len(pairs), 2), np.float32),
+           "counts": np.zeros((len(pairs), 2), np.float32), "nll": np.zeros(len(pairs), np.float32)}  # fmt: skip
+    was = model.training
+    model.eval()
+    plan = plan_pairs(pairs, pair_batching(cfg), 0, 0, shuffle=False)[:max_batches]
+    for batch_pairs in plan:
+        arrays, media, _ = pair_arrays(pairs, batch_pairs, cfg.data.max_seq_len, multiple,
+                                       None, orpo, engine.soft)  # fmt: skip
+        inputs, segments, gather, targets, owner, answer, whole, _ = arrays
+        ce = forward_ce(model, engine.split, cfg.train.ce_chunk_tokens, inputs, segments, gather,
+                        targets, media, engine.masked, grad=False)  # fmt: skip
+        got = per_side(ce, owner, answer, whole, inputs.shape[0])
+        mx.eval(got)
+        for key, value in zip(("logps", "counts", "nll"), got, strict=True):
+            out[key][batch_pairs] = np.array(value)
+    model.train(was)
+    if max_batches is not None:  # only the pairs that were run
+        ran = sorted(p for b in plan for p in b)
+        out = {k: v[ran] for k, v in out.items()} | {"pairs": np.array(ran)}
+    return out
+
+
+def evaluate_pairs(engine, pairs: Pairs, reference: np.ndarray | None,
+                   max_batches: int | None = None) -> dict:  # fmt: skip
+    """The mean pair loss and metrics over `pairs` (TRL's rewards/... as `margin`, `accuracy`,
+    `chosen_reward`, ...) and `choice_accuracy` (`pairloss.evaluate_scores`)."""
+    got = scores(engine, pairs, max_batches)
+    ran = got.pop("pairs", np.arange(len(pairs)))
+    ref = None if reference is None else reference[ran]
+    return evaluate_scores(engine.cfg.train, got, ref, nll_tokens(pairs, ran))
+
+
+def train_pairs(engine, run_dir: Path, resume: bool, say, ranks) -> Path:
+    """Train `engine` on preference pairs (DPO or ORPO): the SFT trainer's progress lines,
+    checkpoints and exact resume, with the pair metrics in metrics.jsonl."""
+    from .trainer import _resume, schedule
+
+    cfg, model = engine.cfg, engine.model
+    t, d = cfg.train, cfg.data
+    if ranks.size > 1:
+        raise ConfigError(f"train.method {t.method}: runs in one process for now; launch it "
+                          "without mlxtune launch")  # fmt: skip
+    tok, media = engine.loaded.tokenizer, engine.media
+
+    def load(path: str) -> Pairs:
+        return prepare_pairs(read_pairs(path), tok, d.max_seq_len, d.overlong,
+                             engine.loaded.stop_ids, media)  # fmt: skip
+
+    data = {"train": load(d.train)} | ({"valid": load(d.valid)} if d.valid else {})
+    for name, pairs in data.items():
+        say(pairs.stats.line(name, d.max_seq_len))
+    if not resume:  # created only now that the model and the data have loaded
+        with atomic_folder(run_dir, replace=True) as tmp:
+            (tmp / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+    train = data["train"]
+    batching = pair_batching(cfg)
+    plans: dict[int, list] = {}
+
+    def plan(epoch: int) -> list[list[int]]:
+        if epoch not in plans:
+            plans.clear()
+            plans[epoch] = plan_pairs(train, batching, t.seed, epoch)
+        return plans[epoch]
+
+    total = total_steps(t, len(plan(0)))
+    reference = {}
+    if t.method == "dpo":
+        score = lambda pairs: scores(engine, pairs)["logps"]  # noqa: E731
+        reference = reference_logps(run_dir, data, resume, score, say)
+    optimizer = optim.AdamW(learning_rate=schedule(t, total), weight_decay=t.weight_decay)
+    optimizer.init(model.trainable_parameters())
+    layout = {"ranks": 1, "batching": list(batching.key()), "method": t.method}
+    state = checkpoint.RunState(layout=layout)
+    if resume:
+        state = _resume(run_dir, model, optimizer, batching, ranks, say)
+        say(f"resuming {run_dir} at step {state.step}/{total}")
+        state = checkpoint.RunState(state.step, state.position, state.window, layout)
+    say(f"training {lora.count(lora.trainable(model)):,} parameters ({cfg.lora.method}, "
+        f"{len(engine.adapted)} modules), {total} steps of {t.method}")  # fmt: skip
+
+    multiple = max(t.ce_chunk_tokens, 64)
+    step_loss = partial(pair_loss, model, engine.split, t, masked=engine.masked)
+    traced = [model.state, mx.random.state]
+    micro = mx.compile(nn.value_and_grad(model, step_loss), inputs=traced, outputs=traced)
+
+    @partial(mx.compile, inputs=[model.state, optimizer.state],
+             outputs=[model.state, optimizer.state])  # fmt: skip
+    def update(grads):
+        norm = mx.array(0.0)
+        if t.max_grad_norm:
+            grads, norm = optim.clip_grad_norm(grads, t.max_grad_norm)
+        optimizer.update(model, grads)
+        return norm
+
+    reporter = Reporter(run_dir / METRICS, total, say)
+    model.train()
+    mx.reset_peak_memory()
+    window = new_window(state.window)
+    window["loss"] = mx.array(window["loss"])
+    position, step = state.position, state.step
+    while step < total:
+        step += 1
+        batches = []
+        for _ in range(t.grad_accum):
+            batches.append(plan(position.epoch)[position.index])
+            after = Position(position.epoch, position.index + 1)
+            position = after if after.index < len(plan(position.epoch)) else Position(
+                position.epoch + 1, 0)  # fmt: skip
+        n_pairs = sum(map(len, batches))
+        scales = mx.array([1.0 / n_pairs, 1.0 / max(sum(nll_tokens(train, b) for b in batches), 1)])
+        grads = None
+        for batch_pairs in batches:
+            arrays, media_, batch = pair_arrays(train, batch_pairs, d.max_seq_len, multiple,
+                                                reference.get("train"), t.method == "orpo",
+                                                engine.soft)  # fmt: skip
+            (loss, sums), g = micro(*arrays, scales, media_)
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            window["loss"] = window["loss"] + loss
+            for k, v in sums.items():
+                window[k] = window.get(k, 0.0) + v
+            window["real"] += batch.real_tokens
+            window["slots"] += batch.inputs.size
+        window["tokens"] += n_pairs
+        window["steps"] += 1
+        norm = update(grads)
+        mx.eval(model.state, optimizer.state, window["loss"], norm, *(window[k] for k in sums))
+        if step % t.report_every == 0 or step == total:
+            elapsed = time.perf_counter() - window["t0"]
+            pairs = max(float(window["pairs"]), 1.0)
+            extra = {k: round(float(window[k]) / pairs, 5) for k in SUMS if k != "pairs"}
+            extra["choice_accuracy"] = extra.pop("choice")
+            if t.method == "dpo":
+                extra.pop("nll")
+            reporter.train(step, float(window["loss"]) / window["steps"],
+                           optimizer.learning_rate.item(), window["real"] / elapsed,
+                           window["real"] / window["slots"], mx.get_peak_memory() / 1e9,
+                           elapsed / window["steps"], grad_norm=round(norm.item(), 4),
+                           pairs=int(window["pairs"]), **extra)  # fmt: skip
+            say(f"    margin {extra['margin']:+.3f}  accuracy {extra['accuracy']:.0%}  "
+                f"chosen {extra['chosen_logps']:.2f}  rejected {extra['rejected_logps']:.2f}")  # fmt: skip
+            window = new_window()
+            window["loss"] = mx.array(0.0)
+        if "valid" in data and (step == total or (t.eval_every and step % t.eval_every == 0)):
+            r = evaluate_pairs(engine, data["valid"], reference.get("valid"), t.eval_batches)
+            reporter.log({"kind": "valid", "step": step, **{k: round(v, 6) if isinstance(v, float)
+                                                            else v for k, v in r.items()}})  # fmt: skip
+            say(f"step {step}: validation loss {r['loss']:.3f}  margin {r['margin']:+.3f}  "
+                f"accuracy {r['accuracy']:.0%}  prefers chosen {r['choice_accuracy']:.0%}")  # fmt: skip
+        if step == total or (t.save_every and step % t.save_every == 0):
+            saved = saved_window({k: float(v) if isinstance(v, mx.array) else v
+                                  for k, v in window.items()})  # fmt: skip
+            state = checkpoint.RunState(step, position, saved, layout)
+            checkpoint.save(run_dir, state, model, optimizer, engine.write_adapter,
+                            cfg.output.keep_checkpoints)  # fmt: skip
+    write_final(run_dir, engine.write_adapter)
+    say(f"done: {run_dir}")
+    return run_dir
+
+
+def evaluate_file(engine, path: str) -> dict:
+    """How `engine`'s model ranks the pairs of a file: `choice_accuracy` (the share of pairs
+    whose chosen answer it finds likelier) and the mean log-probabilities of each side."""
+    d = engine.cfg.data
+    pairs = prepare_pairs(read_pairs(path), engine.loaded.tokenizer, d.max_seq_len, d.overlong,
+                          engine.loaded.stop_ids, engine.media)  # fmt: skip
+    logps = scores(engine, pairs)["logps"]
+    return {"pairs": len(pairs), "choice_accuracy": float((logps[:, 0] > logps[:, 1]).mean()),
+            "chosen_logps": float(logps[:, 0].mean()),
+            "rejected_logps": float(logps[:, 1].mean())}  # fmt: skip
