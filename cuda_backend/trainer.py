@@ -328,6 +328,10 @@ def _train(cfg: Config, resume: bool, echo, ranks: Ranks) -> Path:
         ranks.barrier()
     engine = setup(cfg)
     model, t = engine.model, cfg.train
+    if t.method != "sft":
+        from .preference import train_pairs
+
+        return train_pairs(engine, run_dir, resume, say, ranks)
     sharded = ranks.size > 1 and (cfg.lora.method == "full" or t.shard)
     if sharded:  # FSDP gathers a unit's weights in its forward: the loss takes whole logits
         engine.split = None

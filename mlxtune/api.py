@@ -279,8 +279,9 @@ def _evaluate(cfg: Config, path: str, adapter: Path | None, max_rows: int) -> di
     engine = trainer.setup(cfg, adapter)
     if holds_pairs(path):  # preference pairs: how the model ranks each pair's answers
         if cfg.model.backend == "cuda":
-            raise ConfigError(f"{path}: preference pairs are evaluated on the mlx backend for now")
-        from .preference import evaluate_file
+            from cuda_backend.preference import evaluate_file
+        else:
+            from .preference import evaluate_file
 
         return {"data": path, **evaluate_file(engine, path)}
     result = {"data": path, **trainer.evaluate(engine, engine.dataset(path))}

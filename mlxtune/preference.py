@@ -18,7 +18,6 @@ sides' tokens), however the pairs fall into micro-batches.
 
 from __future__ import annotations
 
-import time
 from functools import partial
 from pathlib import Path
 
@@ -29,25 +28,19 @@ import numpy as np
 from mlx.utils import tree_map
 
 from . import checkpoint, lora
-from .data.batching import Position
 from .data.pairs import (
     Pairs,
     host_arrays,
     nll_tokens,
     pair_batching,
     plan_pairs,
-    prepare_pairs,
-    read_pairs,
     reference_logps,
 )
-from .errors import ConfigError
-from .io import atomic_folder
 from .pairloss import Ops, evaluate_scores, objective
+from .pairrun import PairRun, load_pairs
 from .progress import METRICS, Reporter, new_window, saved_window
-from .runs import total_steps, write_final
+from .runs import write_final
 
-SUMS = ("pairs", "margin", "accuracy", "chosen_logps", "rejected_logps", "chosen_reward",
-        "rejected_reward", "nll", "choice")  # fmt: skip
 MLX = Ops(nn.log_sigmoid, mx.where, mx.log1p, mx.exp, mx.expm1, mx.log, mx.maximum, mx.minimum,
           mx.stop_gradient, lambda b: b.astype(mx.float32))  # fmt: skip
 
@@ -174,48 +167,20 @@ def train_pairs(engine, run_dir: Path, resume: bool, say, ranks) -> Path:
     checkpoints and exact resume, with the pair metrics in metrics.jsonl."""
     from .trainer import _resume, schedule
 
-    cfg, model = engine.cfg, engine.model
-    t, d = cfg.train, cfg.data
-    if ranks.size > 1:
-        raise ConfigError(f"train.method {t.method}: runs in one process for now; launch it "
-                          "without mlxtune launch")  # fmt: skip
-    tok, media = engine.loaded.tokenizer, engine.media
-
-    def load(path: str) -> Pairs:
-        return prepare_pairs(read_pairs(path), tok, d.max_seq_len, d.overlong,
-                             engine.loaded.stop_ids, media)  # fmt: skip
-
-    data = {"train": load(d.train)} | ({"valid": load(d.valid)} if d.valid else {})
-    for name, pairs in data.items():
-        say(pairs.stats.line(name, d.max_seq_len))
-    if not resume:  # created only now that the model and the data have loaded
-        with atomic_folder(run_dir, replace=True) as tmp:
-            (tmp / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
-    train = data["train"]
-    batching = pair_batching(cfg)
-    plans: dict[int, list] = {}
-
-    def plan(epoch: int) -> list[list[int]]:
-        if epoch not in plans:
-            plans.clear()
-            plans[epoch] = plan_pairs(train, batching, t.seed, epoch)
-        return plans[epoch]
-
-    total = total_steps(t, len(plan(0)))
+    run = PairRun(engine, run_dir, resume, say, ranks.size)
+    cfg, model, t = engine.cfg, engine.model, engine.cfg.train
     reference = {}
     if t.method == "dpo":
         score = lambda pairs: scores(engine, pairs)["logps"]  # noqa: E731
-        reference = reference_logps(run_dir, data, resume, score, say)
-    optimizer = optim.AdamW(learning_rate=schedule(t, total), weight_decay=t.weight_decay)
+        reference = reference_logps(run_dir, run.data, resume, score, say)
+    optimizer = optim.AdamW(learning_rate=schedule(t, run.total), weight_decay=t.weight_decay)
     optimizer.init(model.trainable_parameters())
-    layout = {"ranks": 1, "batching": list(batching.key()), "method": t.method}
-    state = checkpoint.RunState(layout=layout)
+    state = checkpoint.RunState(layout=run.layout)
     if resume:
-        state = _resume(run_dir, model, optimizer, batching, ranks, say)
-        say(f"resuming {run_dir} at step {state.step}/{total}")
-        state = checkpoint.RunState(state.step, state.position, state.window, layout)
+        state = _resume(run_dir, model, optimizer, run.batching, ranks, say)
+        say(f"resuming {run_dir} at step {state.step}/{run.total}")
     say(f"training {lora.count(lora.trainable(model)):,} parameters ({cfg.lora.method}, "
-        f"{len(engine.adapted)} modules), {total} steps of {t.method}")  # fmt: skip
+        f"{len(engine.adapted)} modules), {run.total} steps of {t.method}")  # fmt: skip
 
     multiple = max(t.ce_chunk_tokens, 64)
     step_loss = partial(pair_loss, model, engine.split, t, masked=engine.masked)
@@ -231,64 +196,38 @@ def train_pairs(engine, run_dir: Path, resume: bool, say, ranks) -> Path:
         optimizer.update(model, grads)
         return norm
 
-    reporter = Reporter(run_dir / METRICS, total, say)
+    reporter = Reporter(run_dir / METRICS, run.total, say)
     model.train()
     mx.reset_peak_memory()
     window = new_window(state.window)
-    window["loss"] = mx.array(window["loss"])
     position, step = state.position, state.step
-    while step < total:
+    while step < run.total:
         step += 1
-        batches = []
-        for _ in range(t.grad_accum):
-            batches.append(plan(position.epoch)[position.index])
-            after = Position(position.epoch, position.index + 1)
-            position = after if after.index < len(plan(position.epoch)) else Position(
-                position.epoch + 1, 0)  # fmt: skip
-        n_pairs = sum(map(len, batches))
-        scales = mx.array([1.0 / n_pairs, 1.0 / max(sum(nll_tokens(train, b) for b in batches), 1)])
-        grads = None
+        batches, scales, position = run.step(position)
+        grads, sums = None, {}
         for batch_pairs in batches:
-            arrays, media_, batch = pair_arrays(train, batch_pairs, d.max_seq_len, multiple,
-                                                reference.get("train"), t.method == "orpo",
-                                                engine.soft)  # fmt: skip
-            (loss, sums), g = micro(*arrays, scales, media_)
+            arrays, media, batch = pair_arrays(run.train, batch_pairs, cfg.data.max_seq_len,
+                                               multiple, reference.get("train"),
+                                               t.method == "orpo", engine.soft)  # fmt: skip
+            (loss, got), g = micro(*arrays, mx.array(scales), media)
             grads = g if grads is None else tree_map(mx.add, grads, g)
-            window["loss"] = window["loss"] + loss
-            for k, v in sums.items():
-                window[k] = window.get(k, 0.0) + v
+            sums = {k: sums.get(k, 0.0) + v for k, v in (got | {"loss": loss}).items()}
             window["real"] += batch.real_tokens
             window["slots"] += batch.inputs.size
-        window["tokens"] += n_pairs
-        window["steps"] += 1
         norm = update(grads)
-        mx.eval(model.state, optimizer.state, window["loss"], norm, *(window[k] for k in sums))
-        if step % t.report_every == 0 or step == total:
-            elapsed = time.perf_counter() - window["t0"]
-            pairs = max(float(window["pairs"]), 1.0)
-            extra = {k: round(float(window[k]) / pairs, 5) for k in SUMS if k != "pairs"}
-            extra["choice_accuracy"] = extra.pop("choice")
-            if t.method == "dpo":
-                extra.pop("nll")
-            reporter.train(step, float(window["loss"]) / window["steps"],
-                           optimizer.learning_rate.item(), window["real"] / elapsed,
-                           window["real"] / window["slots"], mx.get_peak_memory() / 1e9,
-                           elapsed / window["steps"], grad_norm=round(norm.item(), 4),
-                           pairs=int(window["pairs"]), **extra)  # fmt: skip
-            say(f"    margin {extra['margin']:+.3f}  accuracy {extra['accuracy']:.0%}  "
-                f"chosen {extra['chosen_logps']:.2f}  rejected {extra['rejected_logps']:.2f}")  # fmt: skip
+        mx.eval(model.state, optimizer.state, norm, sums)
+        for k, v in sums.items():
+            window[k] = window.get(k, 0.0) + v.item()
+        window["steps"] += 1
+        if run.due(step, t.report_every):
+            run.report(reporter, step, window, optimizer.learning_rate.item(),
+                       mx.get_peak_memory() / 1e9, norm.item())  # fmt: skip
             window = new_window()
-            window["loss"] = mx.array(0.0)
-        if "valid" in data and (step == total or (t.eval_every and step % t.eval_every == 0)):
-            r = evaluate_pairs(engine, data["valid"], reference.get("valid"), t.eval_batches)
-            reporter.log({"kind": "valid", "step": step, **{k: round(v, 6) if isinstance(v, float)
-                                                            else v for k, v in r.items()}})  # fmt: skip
-            say(f"step {step}: validation loss {r['loss']:.3f}  margin {r['margin']:+.3f}  "
-                f"accuracy {r['accuracy']:.0%}  prefers chosen {r['choice_accuracy']:.0%}")  # fmt: skip
-        if step == total or (t.save_every and step % t.save_every == 0):
-            saved = saved_window({k: float(v) if isinstance(v, mx.array) else v
-                                  for k, v in window.items()})  # fmt: skip
-            state = checkpoint.RunState(step, position, saved, layout)
+        if "valid" in run.data and run.due(step, t.eval_every):
+            r = evaluate_pairs(engine, run.data["valid"], reference.get("valid"), t.eval_batches)
+            run.report_valid(reporter, step, r)
+        if run.due(step, t.save_every):
+            state = checkpoint.RunState(step, position, saved_window(window), run.layout)
             checkpoint.save(run_dir, state, model, optimizer, engine.write_adapter,
                             cfg.output.keep_checkpoints)  # fmt: skip
     write_final(run_dir, engine.write_adapter)
@@ -299,9 +238,7 @@ def train_pairs(engine, run_dir: Path, resume: bool, say, ranks) -> Path:
 def evaluate_file(engine, path: str) -> dict:
     """How `engine`'s model ranks the pairs of a file: `choice_accuracy` (the share of pairs
     whose chosen answer it finds likelier) and the mean log-probabilities of each side."""
-    d = engine.cfg.data
-    pairs = prepare_pairs(read_pairs(path), engine.loaded.tokenizer, d.max_seq_len, d.overlong,
-                          engine.loaded.stop_ids, engine.media)  # fmt: skip
+    pairs = load_pairs(engine, path)
     logps = scores(engine, pairs)["logps"]
     return {"pairs": len(pairs), "choice_accuracy": float((logps[:, 0] > logps[:, 1]).mean()),
             "chosen_logps": float(logps[:, 0].mean()),

@@ -33,6 +33,8 @@ CONTRACT = {
     "model": ["Loaded", "Split", "load", "split_head"],
     "loss": ["chunked_loss", "full_logits_loss"],
     "checkpoint": ["RunState", "save", "restore"],
+    "preference": ["forward_ce", "per_side", "pair_arrays", "pair_loss", "scores",
+                   "evaluate_pairs", "evaluate_file", "train_pairs"],
 }  # fmt: skip
 
 

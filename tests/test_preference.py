@@ -26,21 +26,42 @@ def pair_files(tmp_path_factory):
     return demo.write_preference_task(tmp_path_factory.mktemp("pairs"), 200, 40)
 
 
-def _ours(run_dir, pair_files, overrides):
-    """Our loss, metric sums and LoRA gradients on BATCH, with fixed reference log-probs."""
+def _ours(run_dir, pair_files, overrides, backend="mlx"):
+    """Our loss, metric sums and LoRA gradients on BATCH (by MLX path, or the twin's module
+    path), with fixed reference log-probs."""
     cfg = load_config(run_dir / "config.yaml", ["train.ce_chunk_tokens=16", *overrides])
     engine = trainer.setup(cfg, adapter=run_dir)
-    model = engine.model
-    model.unfreeze(keys=["lora_a", "lora_b"], strict=False)
     pairs = prepare_pairs(read_pairs(pair_files[0]), engine.loaded.tokenizer, 128)
     now = preference.scores(engine, pairs)["logps"]
     reference = now + np.random.default_rng(0).normal(0, 1.0, now.shape).astype(np.float32)
-    arrays, media, _ = preference.pair_arrays(pairs, BATCH, 128, 64, reference,
-                                              cfg.train.method == "orpo")  # fmt: skip
-    scales = mx.array([1 / len(BATCH), 1 / nll_tokens(pairs, BATCH)])
+    orpo = cfg.train.method == "orpo"
+    scales = [1 / len(BATCH), 1 / nll_tokens(pairs, BATCH)]
+    if backend == "cuda":
+        from cuda_backend import preference as twin
+        from cuda_backend import trainer as twin_trainer
+
+        engine = twin_trainer.setup(replace_backend(cfg), adapter=run_dir)
+        for name, param in engine.model.named_parameters():
+            param.requires_grad_(".lora_" in name)
+        arrays, media, _ = twin.pair_arrays(engine, pairs, BATCH, reference, orpo)
+        loss, sums = twin.pair_loss(engine, arrays, scales, media)
+        loss.backward()
+        grads = {
+            k: p.grad.numpy() for k, p in engine.model.named_parameters() if p.grad is not None
+        }
+        return engine, pairs, reference, loss.item(), sums, grads
+    model = engine.model
+    model.unfreeze(keys=["lora_a", "lora_b"], strict=False)
+    arrays, media, _ = preference.pair_arrays(pairs, BATCH, 128, 64, reference, orpo)
     fn = partial(preference.pair_loss, model, engine.split, cfg.train, masked=engine.masked)
-    (loss, sums), grads = nn.value_and_grad(model, fn)(*arrays, scales, media)
+    (loss, sums), grads = nn.value_and_grad(model, fn)(*arrays, mx.array(scales), media)
     return engine, pairs, reference, loss.item(), sums, dict(tree_flatten(grads))
+
+
+def replace_backend(cfg):
+    from dataclasses import replace
+
+    return replace(cfg, model=replace(cfg.model, backend="cuda", dtype="float32"))
 
 
 def _trl_dpo(model, tokenizer, pairs, reference, tmp_path, **config):
@@ -107,13 +128,14 @@ CASES = [
 ]  # fmt: skip
 
 
+@pytest.mark.parametrize("backend", ["mlx", "cuda"])
 @pytest.mark.parametrize("method, ours, theirs", CASES,
                          ids=["sigmoid", "robust", "ipo", "hinge", "orpo"])  # fmt: skip
 def test_loss_metrics_and_gradients_equal_trls(trained, tiny, pair_files, tmp_path, method,
-                                               ours, theirs):  # fmt: skip
+                                               ours, theirs, backend):  # fmt: skip
     """On three pairs with a trained adapter (B off zero) and reference log-probs off the
     policy's, our loss, rewards and LoRA gradients are TRL's (DPOTrainer, ORPOTrainer on
-    transformers + PEFT, fp32)."""
+    transformers + PEFT, fp32), on MLX and on the PyTorch twin."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
@@ -122,7 +144,7 @@ def test_loss_metrics_and_gradients_equal_trls(trained, tiny, pair_files, tmp_pa
     run_dir = trained("llama")
     overrides = [f"train.method={method}", "train.beta=0.5"]
     overrides += [f"{k}={v}" for k, v in ours.items()]
-    engine, pairs, reference, loss, sums, grads = _ours(run_dir, pair_files, overrides)
+    engine, pairs, reference, loss, sums, grads = _ours(run_dir, pair_files, overrides, backend)
     base = transformers.AutoModelForCausalLM.from_pretrained(tiny("llama"), dtype=torch.float32)
     model = peft.PeftModel.from_pretrained(base, run_dir, is_trainable=True)
     tokenizer = transformers.AutoTokenizer.from_pretrained(tiny("llama"))
@@ -153,19 +175,25 @@ def test_loss_metrics_and_gradients_equal_trls(trained, tiny, pair_files, tmp_pa
         module, rest = name.removeprefix("base_model.model.").split(".lora_", 1)
         leaf = {"A": "lora_a", "B": "lora_b"}[rest[0]]
         theirs_g = p.grad.numpy().T
-        got = np.array(grads[f"{to_mlx[module]}.{leaf}"])
+        if backend == "cuda":  # the twin's LoRA layer keeps PEFT's orientation
+            got = grads[f"{to_mlx[module]}.lora_{rest[0]}"].T
+        else:
+            got = np.array(grads[f"{to_mlx[module]}.{leaf}"])
         np.testing.assert_allclose(got, theirs_g, rtol=1e-4, atol=1e-4 * np.abs(theirs_g).max())
         compared += 1
     assert compared == len(grads) == 2 * len(engine.adapted)
 
 
-def test_dpo_teaches_the_preferred_answers(tiny, pair_files, tmp_path):
+@pytest.mark.parametrize("backend", ["mlx", "cuda"])
+def test_dpo_teaches_the_preferred_answers(tiny, pair_files, tmp_path, backend):
     """A tiny random Llama prefers the right group's name to a wrong one about half the time on
-    held-out pairs; after DPO, at least 90% of the time. The run writes the pair metrics."""
+    held-out pairs; after DPO, at least 90% of the time, on either backend. The run writes the
+    pair metrics, and `mt.evaluate` of the run agrees with its last validation."""
     train_file, valid_file = pair_files
-    before = mt.evaluate(str(tiny("llama")), str(valid_file))
+    model = {"path": str(tiny("llama")), "backend": backend}
+    before = mt.evaluate(model, str(valid_file))
     assert 0.3 <= before["choice_accuracy"] <= 0.7 and before["pairs"] == 40, before
-    run = mt.train(model=str(tiny("llama")), data={"train": str(train_file),
+    run = mt.train(model=model, data={"train": str(train_file),
                    "valid": str(valid_file), "max_seq_len": 64},
                    train={"method": "dpo", "iters": 60, "batch_size": 8, "learning_rate": 5e-3,
                           "report_every": 20, "eval_every": 0, "save_every": 0},
