@@ -25,7 +25,7 @@ from . import model as model_lib
 
 TORCH = Ops(F.logsigmoid, torch.where, torch.log1p, torch.exp, torch.expm1, torch.log,
             lambda x, c: torch.clamp(x, min=c), lambda x, c: torch.clamp(x, max=c),
-            torch.Tensor.detach, lambda b: b.float())  # fmt: skip
+            torch.Tensor.detach, lambda b: b.float(), torch.minimum)  # fmt: skip
 MULTIPLE = 64
 
 
@@ -52,18 +52,21 @@ class _TokenCE(torch.autograd.Function):
         return grads * grad_losses[:, None].to(grads.dtype), None, None, None
 
 
-def forward_ce(engine, inputs, positions, gather, targets, media, grad=True) -> torch.Tensor:
-    """Cross-entropy of each gathered position's target [N]."""
+def forward_ce(engine, inputs, positions, gather, targets, media, grad=True,
+               temperature: float = 1.0) -> torch.Tensor:  # fmt: skip
+    """Cross-entropy of each gathered position's target [N], from the logits divided by
+    `temperature`."""
     model, split, chunk = engine.model, engine.split, engine.cfg.train.ce_chunk_tokens
     if split is None:
         logits = model(input_ids=inputs, position_ids=positions, use_cache=False, **media).logits
-        flat = logits.reshape(-1, logits.shape[-1])[gather]
-        return F.cross_entropy(flat.float(), targets, reduction="none")
+        flat = logits.reshape(-1, logits.shape[-1])[gather].float() / temperature
+        return F.cross_entropy(flat, targets, reduction="none")
     hidden = split.body(inputs, positions, media)
     hidden = hidden.reshape(-1, hidden.shape[-1])[gather]
+    head = split.head if temperature == 1.0 else (lambda x: split.head(x).float() / temperature)
     if grad:
-        return _TokenCE.apply(hidden, targets, split.head, chunk)
-    return torch.cat([F.cross_entropy(split.head(hidden[s : s + chunk]).float(),
+        return _TokenCE.apply(hidden, targets, head, chunk)
+    return torch.cat([F.cross_entropy(head(hidden[s : s + chunk]).float(),
                                       targets[s : s + chunk], reduction="none")
                       for s in range(0, hidden.shape[0], chunk)])  # fmt: skip
 
@@ -142,62 +145,96 @@ def evaluate_file(engine, path: str) -> dict:
             "rejected_logps": float(logps[:, 1].mean())}  # fmt: skip
 
 
+class Loop:
+    """What the PyTorch preference and GRPO loops share (the twin of mlxtune.preference.Loop):
+    AdamW (restored on resume) with the learning-rate schedule, the run state, backward and
+    the clipped step, the reports, validations and checkpoints."""
+
+    def __init__(self, engine, run, run_dir: Path, resume: bool, ranks, say, what: str):
+        from .trainer import _reset_peak, _resume, schedule
+
+        model, t = engine.model, engine.cfg.train
+        self.engine, self.run, self.run_dir, self.say, self.t = engine, run, run_dir, say, t
+        self.params = list(lora.trainable(model).values())
+        self.optimizer = torch.optim.AdamW(self.params, lr=t.learning_rate,
+                                           weight_decay=t.weight_decay)  # fmt: skip
+        self.lr_at = schedule(t, run.total)
+        self.state = checkpoint.RunState(layout=run.layout)
+        if resume:
+            self.state = _resume(run_dir, model, self.optimizer, run.batching, ranks, say)
+            say(f"resuming {run_dir} at step {self.state.step}/{run.total}")
+        say(f"training {lora.count(lora.trainable(model)):,} parameters "
+            f"({engine.cfg.lora.method}, {len(engine.adapted)} modules) on "
+            f"{engine.loaded.device}, {run.total} steps of {what}")  # fmt: skip
+        self.reporter = Reporter(run_dir / METRICS, run.total, say)
+        model.train()
+        _reset_peak(engine)
+        self.window = new_window(self.state.window)
+
+    def start(self, step: int) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.t.learning_rate * self.lr_at(step - 1)
+
+    def micro(self, batch, loss, sums) -> None:
+        """One micro-batch's backward, and its metric sums into the report window."""
+        loss.backward()
+        for k, v in (sums | {"loss": loss}).items():
+            self.window[k] = self.window.get(k, 0.0) + float(v.detach())
+        self.window["real"] += batch.real_tokens
+        self.window["slots"] += batch.inputs.size
+
+    def finish(self, step: int, position, validate=None, add=None) -> None:
+        """The clipped step, then its report, validation and checkpoint when due."""
+        from .trainer import _peak_gb
+
+        t, run, model, window = self.t, self.run, self.engine.model, self.window
+        norm = torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm or math.inf)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if add is not None:
+            add(window)
+        window["steps"] += 1
+        if run.due(step, t.report_every):
+            run.report(self.reporter, step, window, self.optimizer.param_groups[0]["lr"],
+                       _peak_gb(self.engine), float(norm))  # fmt: skip
+            self.window = new_window()
+        if validate is not None and run.due(step, t.eval_every):
+            run.report_valid(self.reporter, step, validate())
+        if run.due(step, t.save_every):
+            state = checkpoint.RunState(step, position, saved_window(self.window), run.layout)
+            weights, moments = checkpoint.tensors(model, self.optimizer)
+            checkpoint.save(self.run_dir, state, weights, moments,
+                            partial(self.engine.write_adapter, weights=weights),
+                            self.engine.cfg.output.keep_checkpoints)  # fmt: skip
+
+    def end(self) -> Path:
+        weights = checkpoint.tensors(self.engine.model)[0]
+        write_final(self.run_dir, partial(self.engine.write_adapter, weights=weights))
+        self.say(f"done: {self.run_dir}")
+        return self.run_dir
+
+
 def train_pairs(engine, run_dir: Path, resume: bool, say, ranks) -> Path:
     """Train on preference pairs: the MLX trainer's run, step for step."""
-    from .trainer import _peak_gb, _reset_peak, _resume, schedule
-
     run = PairRun(engine, run_dir, resume, say, ranks.size)
-    cfg, model, t = engine.cfg, engine.model, engine.cfg.train
+    t = engine.cfg.train
     reference = {}
     if t.method == "dpo":
         score = lambda pairs: scores(engine, pairs)["logps"]  # noqa: E731
         reference = cached_reference(run_dir, run.data, resume, score, say)
-    params = list(lora.trainable(model).values())
-    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
-    lr_at = schedule(t, run.total)
-    state = checkpoint.RunState(layout=run.layout)
-    if resume:
-        state = _resume(run_dir, model, optimizer, run.batching, ranks, say)
-        say(f"resuming {run_dir} at step {state.step}/{run.total}")
-    say(f"training {lora.count(lora.trainable(model)):,} parameters ({cfg.lora.method}, "
-        f"{len(engine.adapted)} modules) on {engine.loaded.device}, {run.total} steps of "
-        f"{t.method}")  # fmt: skip
-    reporter = Reporter(run_dir / METRICS, run.total, say)
-    model.train()
-    _reset_peak(engine)
-    window = new_window(state.window)
-    position, step = state.position, state.step
+    loop = Loop(engine, run, run_dir, resume, ranks, say, t.method)
+    validate = None
+    if "valid" in run.data:
+        validate = partial(evaluate_pairs, engine, run.data["valid"], reference.get("valid"),
+                           t.eval_batches)  # fmt: skip
+    position, step = loop.state.position, loop.state.step
     while step < run.total:
         step += 1
-        for group in optimizer.param_groups:
-            group["lr"] = t.learning_rate * lr_at(step - 1)
+        loop.start(step)
         batches, scales, position = run.step(position)
         for batch_pairs in batches:
             arrays, media, batch = pair_arrays(engine, run.train, batch_pairs,
                                                reference.get("train"), t.method == "orpo")  # fmt: skip
-            loss, sums = pair_loss(engine, arrays, scales, media)
-            loss.backward()
-            for k, v in (sums | {"loss": loss}).items():
-                window[k] = window.get(k, 0.0) + float(v.detach())
-            window["real"] += batch.real_tokens
-            window["slots"] += batch.inputs.size
-        norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or math.inf)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        window["steps"] += 1
-        if run.due(step, t.report_every):
-            run.report(reporter, step, window, optimizer.param_groups[0]["lr"], _peak_gb(engine),
-                       float(norm))  # fmt: skip
-            window = new_window()
-        if "valid" in run.data and run.due(step, t.eval_every):
-            r = evaluate_pairs(engine, run.data["valid"], reference.get("valid"), t.eval_batches)
-            run.report_valid(reporter, step, r)
-        if run.due(step, t.save_every):
-            state = checkpoint.RunState(step, position, saved_window(window), run.layout)
-            weights, moments = checkpoint.tensors(model, optimizer)
-            checkpoint.save(run_dir, state, weights, moments,
-                            partial(engine.write_adapter, weights=weights),
-                            cfg.output.keep_checkpoints)  # fmt: skip
-    write_final(run_dir, partial(engine.write_adapter, weights=checkpoint.tensors(model)[0]))
-    say(f"done: {run_dir}")
-    return run_dir
+            loop.micro(batch, *pair_loss(engine, arrays, scales, media))
+        loop.finish(step, position, validate)
+    return loop.end()

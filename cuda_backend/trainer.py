@@ -328,6 +328,10 @@ def _train(cfg: Config, resume: bool, echo, ranks: Ranks) -> Path:
         ranks.barrier()
     engine = setup(cfg)
     model, t = engine.model, cfg.train
+    if t.method == "grpo":
+        from .grpo import train_grpo
+
+        return train_grpo(engine, run_dir, resume, say, ranks)
     if t.method != "sft":
         from .preference import train_pairs
 

@@ -126,15 +126,17 @@ class LoRAConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    method: Literal["sft", "dpo", "orpo"] = opt(
+    method: Literal["sft", "dpo", "orpo", "grpo"] = opt(
         "sft",
         "sft: learn the assistant turns; dpo / orpo: learn preferences from rows with prompt, "
-        "chosen and rejected (TRL's shapes)",
+        "chosen and rejected (TRL's shapes); grpo: sample train.group_size answers per prompt "
+        "and learn from train.reward_functions' scores",
     )
-    beta: float = opt(
-        0.1,
+    beta: float | None = opt(
+        None,
         "dpo: how far the policy may move from the reference (the weights at step 0); orpo: "
-        "weight of the odds-ratio term",
+        "weight of the odds-ratio term; grpo: weight of the KL to the base model; null = TRL's "
+        "default, 0.1 for dpo and orpo, 0.0 for grpo",
     )
     dpo_loss: Literal["sigmoid", "robust", "ipo", "hinge"] = opt(
         "sigmoid", "dpo: TRL's loss_type of the same name"
@@ -143,6 +145,22 @@ class TrainConfig:
         0.0,
         "dpo, sigmoid and robust: share of preference labels assumed flipped, in [0, 0.5) "
         "(sigmoid: conservative DPO)",
+    )
+    reward_functions: str | None = opt(
+        None,
+        "grpo: a Python file of reward functions, fn(prompts, completions, **columns) -> list "
+        "of floats (or None to abstain); every public function in it, or FILE:name,name",
+    )
+    reward_weights: tuple[float, ...] = opt((), "grpo: one weight per reward function; empty = 1")
+    group_size: int = opt(8, "grpo: answers sampled per prompt (TRL's num_generations)")
+    max_completion_tokens: int = opt(128, "grpo: longest sampled answer in tokens")
+    temperature: float = opt(1.0, "grpo: sampling temperature (the log-probs use it too, as TRL)")
+    clip_epsilon: float = opt(0.2, "grpo: the ratio's clip range 1 +- epsilon")
+    grpo_loss: Literal["grpo", "dr_grpo", "bnpo", "dapo"] = opt(
+        "dapo", "grpo: how token losses are averaged (TRL's loss_type)"
+    )
+    scale_rewards: Literal["group", "batch", "none"] = opt(
+        "group", "grpo: divide advantages by the reward std of the group, the batch, or not"
     )
     iters: int | None = opt(None, "Optimizer steps; set this or epochs")
     epochs: float | None = opt(None, "Passes over the data; iters and epochs both null = 1 epoch")
@@ -202,7 +220,15 @@ class TrainConfig:
         _positive(self, "report_every", "max_grad_norm", "eval_batches")
         _positive(self, "ce_chunk_tokens", "media_cache_gb", allow_zero=True)
         _positive(self, "warmup_steps", "weight_decay", "eval_every", "save_every", allow_zero=True)
-        _positive(self, "beta")
+        if self.beta is None:  # TRL's defaults
+            object.__setattr__(self, "beta", 0.0 if self.method == "grpo" else 0.1)
+        _positive(self, "beta", allow_zero=self.method == "grpo")
+        _positive(self, "clip_epsilon", "temperature")
+        _positive(self, "group_size", "max_completion_tokens")
+        if self.method == "grpo" and self.group_size < 2:
+            raise Invalid("group_size", "grpo compares answers within a group: needs >= 2")
+        if self.method == "grpo" and not self.reward_functions:
+            raise Invalid("reward_functions", "train.method grpo needs a file of reward functions")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise Invalid("label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
 

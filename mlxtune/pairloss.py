@@ -1,5 +1,6 @@
-"""The preference losses (TRL's DPO loss types, ORPO) and their metrics, written once for any
-array library: MLX and torch in training (with gradients), numpy in evaluation. Framework-free.
+"""The preference and reward losses (TRL's DPO loss types, ORPO, GRPO's clipped objective)
+and their metrics, written once for any array library: MLX and torch in training (with
+gradients), numpy in evaluation. Framework-free.
 
 `Ops` names the few functions the libraries spell differently; everything else is operators.
 """
@@ -27,6 +28,7 @@ class Ops:
     minimum: Callable  # (array, float) -> array
     detach: Callable
     as_float: Callable  # a boolean array as 0.0 / 1.0
+    pairwise_min: Callable  # (array, array) -> array
 
 
 def _np_log_sigmoid(x):
@@ -34,7 +36,7 @@ def _np_log_sigmoid(x):
 
 
 NUMPY = Ops(_np_log_sigmoid, np.where, np.log1p, np.exp, np.expm1, np.log, np.maximum,
-            np.minimum, lambda x: x, lambda b: b.astype(np.float32))  # fmt: skip
+            np.minimum, lambda x: x, lambda b: b.astype(np.float32), np.minimum)  # fmt: skip
 
 
 def log1mexp(x, ops: Ops):
@@ -106,3 +108,36 @@ def evaluate_scores(t, got: dict[str, np.ndarray], reference: np.ndarray | None,
                            scales, NUMPY)  # fmt: skip
     out = {"loss": float(loss), "pairs": n, "choice_accuracy": float(sums["choice"]) / n}
     return out | {k: float(sums[k]) / n for k in METRICS}
+
+
+def grpo_objective(t, logps, reference, advantages, weights, ops: Ops) -> tuple[Any, dict]:
+    """GRPO's clipped objective (TRL's grpo / bnpo / dr_grpo / dapo, one sampling pass per
+    step, so the old policy is the current one): per gathered answer token, its
+    temperature-scaled log-prob `logps`, the reference's (`reference`, used when beta > 0),
+    its answer's advantage, and `weights`, the token's share of the step's loss (how the
+    loss type averages; 0 on padding). Returns (loss, sums of the KL and of the tokens)."""
+    ratio = ops.exp(logps - ops.detach(logps))  # 1, with the policy gradient
+    clipped = ops.maximum(ops.minimum(ratio, 1 + t.clip_epsilon), 1 - t.clip_epsilon)
+    per = -ops.pairwise_min(ratio * advantages, clipped * advantages)
+    real = ops.as_float(weights > 0)
+    kl = (real * 0.0).sum()
+    if t.beta:  # k3, times the ratio (1) so its gradient is the reverse KL's (TRL's default)
+        d = reference - logps
+        per_kl = ops.exp(d) - d - 1
+        per = per + t.beta * per_kl * ratio
+        kl = ops.detach((per_kl * real).sum())
+    return (per * weights).sum(), {"kl": kl, "tokens": real.sum()}
+
+
+def token_weights(t, owners, counts: np.ndarray, completions: int, tokens: int) -> np.ndarray:
+    """Each gathered answer token's share of the step's loss (`grpo_objective`'s weights):
+    `owners` is its answer's index in the step, `counts` each answer's tokens; `completions`
+    and `tokens` the step's totals. grpo: the mean over answers of each answer's token mean;
+    bnpo and dapo: the mean over the step's tokens; dr_grpo: the sum over the step's tokens
+    divided by answers x max_completion_tokens."""
+    owners = np.asarray(owners)
+    if t.grpo_loss == "grpo":
+        return 1.0 / (np.maximum(counts[owners], 1) * completions)
+    if t.grpo_loss == "dr_grpo":
+        return np.full(len(owners), 1.0 / (completions * t.max_completion_tokens))
+    return np.full(len(owners), 1.0 / max(tokens, 1))

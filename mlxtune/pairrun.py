@@ -23,7 +23,36 @@ def load_pairs(engine, path: str) -> Pairs:
                          engine.loaded.stop_ids, engine.media)  # fmt: skip
 
 
-class PairRun:
+class MethodRun:
+    """What a preference or GRPO run plans: micro-batches per epoch (`_plan`, a pure function
+    of the seed and epoch), `train.grad_accum` of them per step."""
+
+    t = None
+    total = 0
+
+    def _plan(self, epoch: int) -> list[list[int]]:
+        raise NotImplementedError
+
+    def plan(self, epoch: int) -> list[list[int]]:
+        if epoch not in getattr(self, "_plans", {}):
+            self._plans = {epoch: self._plan(epoch)}
+        return self._plans[epoch]
+
+    def batches(self, position: Position) -> tuple[list[list[int]], Position]:
+        """The micro-batches of the step at `position`, and the position after it."""
+        out = []
+        for _ in range(self.t.grad_accum):
+            out.append(self.plan(position.epoch)[position.index])
+            after = Position(position.epoch, position.index + 1)
+            position = after if after.index < len(self.plan(position.epoch)) else Position(
+                position.epoch + 1, 0)  # fmt: skip
+        return out, position
+
+    def due(self, step: int, every: int) -> bool:
+        return step == self.total or bool(every and step % every == 0)
+
+
+class PairRun(MethodRun):
     """The data and plan of a preference run. Creating it loads and reports the pairs, then
     (a new run) writes the run folder with its config."""
 
@@ -44,29 +73,18 @@ class PairRun:
                 (tmp / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
         self.train = self.data["train"]
         self.batching = pair_batching(cfg)
-        self._plans: dict[int, list] = {}
         self.total = total_steps(self.t, len(self.plan(0)))
         self.layout = {"ranks": 1, "batching": list(self.batching.key()), "method": self.t.method}
 
-    def plan(self, epoch: int) -> list[list[int]]:
-        if epoch not in self._plans:
-            self._plans = {epoch: plan_pairs(self.train, self.batching, self.t.seed, epoch)}
-        return self._plans[epoch]
+    def _plan(self, epoch: int) -> list[list[int]]:
+        return plan_pairs(self.train, self.batching, self.t.seed, epoch)
 
     def step(self, position: Position) -> tuple[list[list[int]], list[float], Position]:
         """The micro-batches (pair indices) of the step at `position`, its scales [1 / pairs,
         1 / ORPO's NLL tokens], and the position after it."""
-        batches = []
-        for _ in range(self.t.grad_accum):
-            batches.append(self.plan(position.epoch)[position.index])
-            after = Position(position.epoch, position.index + 1)
-            position = after if after.index < len(self.plan(position.epoch)) else Position(
-                position.epoch + 1, 0)  # fmt: skip
+        batches, position = self.batches(position)
         whole = sum(nll_tokens(self.train, b) for b in batches)
         return batches, [1.0 / sum(map(len, batches)), 1.0 / max(whole, 1)], position
-
-    def due(self, step: int, every: int) -> bool:
-        return step == self.total or bool(every and step % every == 0)
 
     def report(self, reporter, step: int, window: dict, lr: float, peak_gb: float,
                norm: float) -> None:  # fmt: skip

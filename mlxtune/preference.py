@@ -42,7 +42,7 @@ from .progress import METRICS, Reporter, new_window, saved_window
 from .runs import write_final
 
 MLX = Ops(nn.log_sigmoid, mx.where, mx.log1p, mx.exp, mx.expm1, mx.log, mx.maximum, mx.minimum,
-          mx.stop_gradient, lambda b: b.astype(mx.float32))  # fmt: skip
+          mx.stop_gradient, lambda b: b.astype(mx.float32), mx.minimum)  # fmt: skip
 
 
 def token_losses(head, chunk: int, grad: bool = True):
@@ -80,18 +80,20 @@ def token_losses(head, chunk: int, grad: bool = True):
 
 
 def forward_ce(model, split, chunk, inputs, segments, gather, targets, media, masked=True,
-               grad=True) -> mx.array:  # fmt: skip
-    """Cross-entropy of each gathered position's target [N]."""
+               grad=True, temperature: float = 1.0) -> mx.array:  # fmt: skip
+    """Cross-entropy of each gathered position's target [N], from the logits divided by
+    `temperature` (GRPO's log-probs are those of the sampling distribution, as TRL's)."""
     from .model import packed_cache
 
     cache = packed_cache(model, segments) if masked else None
     if split is None:
         logits = model(inputs, cache=cache, **({"media": media} if media else {}))
-        flat = logits.reshape(-1, logits.shape[-1])[gather].astype(mx.float32)
+        flat = logits.reshape(-1, logits.shape[-1])[gather].astype(mx.float32) / temperature
         return nn.losses.cross_entropy(flat, targets, reduction="none")
     hidden = split.body(inputs, cache, media)
     hidden = hidden.reshape(-1, hidden.shape[-1])[gather]
-    return token_losses(split.head, chunk or hidden.shape[0], grad)(hidden, targets)
+    head = split.head if temperature == 1.0 else (lambda x: split.head(x) / temperature)
+    return token_losses(head, chunk or hidden.shape[0], grad)(hidden, targets)
 
 
 def per_side(ce, owner, answer, whole, rows: int) -> tuple[mx.array, mx.array, mx.array]:
@@ -162,77 +164,110 @@ def evaluate_pairs(engine, pairs: Pairs, reference: np.ndarray | None,
     return evaluate_scores(engine.cfg.train, got, ref, nll_tokens(pairs, ran))
 
 
+class Loop:
+    """What the MLX preference and GRPO loops share: AdamW (restored on resume), the run
+    state, the compiled loss-and-gradients of `loss(model, split, t, *arrays, masked=...)` and
+    the compiled clipped update, the reports, validations and checkpoints."""
+
+    def __init__(self, engine, run, run_dir: Path, resume: bool, ranks, say, what: str, loss):
+        from .trainer import _resume, schedule
+
+        model, t = engine.model, engine.cfg.train
+        self.engine, self.run, self.run_dir, self.say, self.t = engine, run, run_dir, say, t
+        optimizer = optim.AdamW(learning_rate=schedule(t, run.total), weight_decay=t.weight_decay)
+        optimizer.init(model.trainable_parameters())
+        self.optimizer = optimizer
+        self.state = checkpoint.RunState(layout=run.layout)
+        if resume:
+            self.state = _resume(run_dir, model, optimizer, run.batching, ranks, say)
+            say(f"resuming {run_dir} at step {self.state.step}/{run.total}")
+        say(f"training {lora.count(lora.trainable(model)):,} parameters "
+            f"({engine.cfg.lora.method}, {len(engine.adapted)} modules), {run.total} steps of "
+            f"{what}")  # fmt: skip
+
+        @partial(mx.compile, inputs=[model.state, optimizer.state],
+                 outputs=[model.state, optimizer.state])  # fmt: skip
+        def update(grads):
+            norm = mx.array(0.0)
+            if t.max_grad_norm:
+                grads, norm = optim.clip_grad_norm(grads, t.max_grad_norm)
+            optimizer.update(model, grads)
+            return norm
+
+        self.update = update
+        step_loss = partial(loss, model, engine.split, t, masked=engine.masked)
+        traced = [model.state, mx.random.state]
+        self.micro_fn = mx.compile(nn.value_and_grad(model, step_loss), inputs=traced,
+                                   outputs=traced)  # fmt: skip
+        self.reporter = Reporter(run_dir / METRICS, run.total, say)
+        model.train()
+        mx.reset_peak_memory()
+        self.window = new_window(self.state.window)
+        self.grads, self.sums = None, {}
+
+    def micro(self, batch, *arrays) -> None:
+        """One micro-batch's gradients and metric sums, added to the step's."""
+        (loss, got), g = self.micro_fn(*arrays)
+        self.grads = g if self.grads is None else tree_map(mx.add, self.grads, g)
+        self.sums = {k: self.sums.get(k, 0.0) + v for k, v in (got | {"loss": loss}).items()}
+        self.window["real"] += batch.real_tokens
+        self.window["slots"] += batch.inputs.size
+
+    def finish(self, step: int, position, validate=None, add=None) -> None:
+        """The step's update, then its report, validation (`validate()` -> the result) and
+        checkpoint when due; `add(window)` puts a method's own sums in the report window."""
+        model, t, run, window = self.engine.model, self.t, self.run, self.window
+        norm = self.update(self.grads)
+        mx.eval(model.state, self.optimizer.state, norm, self.sums)
+        for k, v in self.sums.items():
+            window[k] = window.get(k, 0.0) + v.item()
+        self.grads, self.sums = None, {}
+        if add is not None:
+            add(window)
+        window["steps"] += 1
+        if run.due(step, t.report_every):
+            run.report(self.reporter, step, window, self.optimizer.learning_rate.item(),
+                       mx.get_peak_memory() / 1e9, norm.item())  # fmt: skip
+            self.window = new_window()
+        if validate is not None and run.due(step, t.eval_every):
+            run.report_valid(self.reporter, step, validate())
+        if run.due(step, t.save_every):
+            state = checkpoint.RunState(step, position, saved_window(self.window), run.layout)
+            checkpoint.save(self.run_dir, state, model, self.optimizer,
+                            self.engine.write_adapter, self.engine.cfg.output.keep_checkpoints)  # fmt: skip
+
+    def end(self) -> Path:
+        write_final(self.run_dir, self.engine.write_adapter)
+        self.say(f"done: {self.run_dir}")
+        return self.run_dir
+
+
 def train_pairs(engine, run_dir: Path, resume: bool, say, ranks) -> Path:
     """Train `engine` on preference pairs (DPO or ORPO): the SFT trainer's progress lines,
     checkpoints and exact resume, with the pair metrics in metrics.jsonl."""
-    from .trainer import _resume, schedule
-
     run = PairRun(engine, run_dir, resume, say, ranks.size)
-    cfg, model, t = engine.cfg, engine.model, engine.cfg.train
+    cfg, t = engine.cfg, engine.cfg.train
     reference = {}
     if t.method == "dpo":
         score = lambda pairs: scores(engine, pairs)["logps"]  # noqa: E731
         reference = reference_logps(run_dir, run.data, resume, score, say)
-    optimizer = optim.AdamW(learning_rate=schedule(t, run.total), weight_decay=t.weight_decay)
-    optimizer.init(model.trainable_parameters())
-    state = checkpoint.RunState(layout=run.layout)
-    if resume:
-        state = _resume(run_dir, model, optimizer, run.batching, ranks, say)
-        say(f"resuming {run_dir} at step {state.step}/{run.total}")
-    say(f"training {lora.count(lora.trainable(model)):,} parameters ({cfg.lora.method}, "
-        f"{len(engine.adapted)} modules), {run.total} steps of {t.method}")  # fmt: skip
-
+    loop = Loop(engine, run, run_dir, resume, ranks, say, t.method, pair_loss)
     multiple = max(t.ce_chunk_tokens, 64)
-    step_loss = partial(pair_loss, model, engine.split, t, masked=engine.masked)
-    traced = [model.state, mx.random.state]
-    micro = mx.compile(nn.value_and_grad(model, step_loss), inputs=traced, outputs=traced)
-
-    @partial(mx.compile, inputs=[model.state, optimizer.state],
-             outputs=[model.state, optimizer.state])  # fmt: skip
-    def update(grads):
-        norm = mx.array(0.0)
-        if t.max_grad_norm:
-            grads, norm = optim.clip_grad_norm(grads, t.max_grad_norm)
-        optimizer.update(model, grads)
-        return norm
-
-    reporter = Reporter(run_dir / METRICS, run.total, say)
-    model.train()
-    mx.reset_peak_memory()
-    window = new_window(state.window)
-    position, step = state.position, state.step
+    validate = None
+    if "valid" in run.data:
+        validate = partial(evaluate_pairs, engine, run.data["valid"], reference.get("valid"),
+                           t.eval_batches)  # fmt: skip
+    position, step = loop.state.position, loop.state.step
     while step < run.total:
         step += 1
         batches, scales, position = run.step(position)
-        grads, sums = None, {}
         for batch_pairs in batches:
             arrays, media, batch = pair_arrays(run.train, batch_pairs, cfg.data.max_seq_len,
                                                multiple, reference.get("train"),
                                                t.method == "orpo", engine.soft)  # fmt: skip
-            (loss, got), g = micro(*arrays, mx.array(scales), media)
-            grads = g if grads is None else tree_map(mx.add, grads, g)
-            sums = {k: sums.get(k, 0.0) + v for k, v in (got | {"loss": loss}).items()}
-            window["real"] += batch.real_tokens
-            window["slots"] += batch.inputs.size
-        norm = update(grads)
-        mx.eval(model.state, optimizer.state, norm, sums)
-        for k, v in sums.items():
-            window[k] = window.get(k, 0.0) + v.item()
-        window["steps"] += 1
-        if run.due(step, t.report_every):
-            run.report(reporter, step, window, optimizer.learning_rate.item(),
-                       mx.get_peak_memory() / 1e9, norm.item())  # fmt: skip
-            window = new_window()
-        if "valid" in run.data and run.due(step, t.eval_every):
-            r = evaluate_pairs(engine, run.data["valid"], reference.get("valid"), t.eval_batches)
-            run.report_valid(reporter, step, r)
-        if run.due(step, t.save_every):
-            state = checkpoint.RunState(step, position, saved_window(window), run.layout)
-            checkpoint.save(run_dir, state, model, optimizer, engine.write_adapter,
-                            cfg.output.keep_checkpoints)  # fmt: skip
-    write_final(run_dir, engine.write_adapter)
-    say(f"done: {run_dir}")
-    return run_dir
+            loop.micro(batch, *arrays, mx.array(scales), media)
+        loop.finish(step, position, validate)
+    return loop.end()
 
 
 def evaluate_file(engine, path: str) -> dict:

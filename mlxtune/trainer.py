@@ -301,6 +301,10 @@ def _train(cfg: Config, resume: bool, echo, ranks: Ranks) -> Path:
     say = loud if main else (lambda line: None)
     for note in engine.notes + [checkpointing] * bool(checkpointing):
         say(f"note: {note}")
+    if t.method == "grpo":
+        from .grpo import train_grpo
+
+        return train_grpo(engine, run_dir, resume, say, ranks)
     if t.method != "sft":
         from .preference import train_pairs
 

@@ -71,3 +71,30 @@ def trained(tiny, tmp_path_factory):
         return runs[key]
 
     return get
+
+
+def straight_and_resumed(config, tmp_path, keys: tuple[str, ...]):
+    """A straight run of `config(out)`, and the same run stopped after step 6 and resumed:
+    (straight folder, resumed folder, the resumed run's lines, both runs' metrics curves of
+    (step, *keys))."""
+    import pytest
+
+    from mlxtune import trainer
+    from mlxtune.progress import read_metrics
+
+    straight = trainer.train(config(tmp_path / "a"), echo=lambda line: None)
+
+    def stop_after_step_6(line):
+        if line.startswith("step 6/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(config(tmp_path / "b"), echo=stop_after_step_6)
+    lines: list[str] = []
+    resumed = trainer.train(config(tmp_path / "b"), resume=True, echo=lines.append)
+
+    def curve(run):
+        rows = read_metrics(run / "metrics.jsonl")
+        return [(r["step"], *(r[k] for k in keys)) for r in rows if r["kind"] == "train"]
+
+    return straight, resumed, lines, curve(straight), curve(resumed)

@@ -35,6 +35,7 @@ CONTRACT = {
     "checkpoint": ["RunState", "save", "restore"],
     "preference": ["forward_ce", "per_side", "pair_arrays", "pair_loss", "scores",
                    "evaluate_pairs", "evaluate_file", "train_pairs"],
+    "grpo": ["sample", "train_grpo"],
 }  # fmt: skip
 
 

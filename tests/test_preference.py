@@ -71,7 +71,7 @@ def _trl_dpo(model, tokenizer, pairs, reference, tmp_path, **config):
     from trl import DPOConfig, DPOTrainer
 
     rows = demo.preference_rows(0, 2)
-    args = DPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, **config)
+    args = DPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=False, **config)
     dpo = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                      processing_class=tokenizer)  # fmt: skip
     sides = [pairs.examples[2 * p + s] for s in (0, 1) for p in BATCH]  # chosen..., rejected...
@@ -98,7 +98,7 @@ def _trl_orpo(model, tokenizer, pairs, tmp_path, **config):
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
     rows = demo.preference_rows(0, 2, conversational=False)
-    args = ORPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, **config)
+    args = ORPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=False, **config)
     orpo = ORPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                        processing_class=tokenizer)  # fmt: skip
     batch = {}
@@ -222,7 +222,7 @@ def test_a_stopped_dpo_run_resumes_to_the_straight_runs_curve_and_adapter(tiny, 
     """Stopped after step 6 (checkpoint at 4), with dropout and accumulation: the resumed run
     reads its reference log-probs back and reports the straight run's losses and margins
     (the report at 6 averages steps 4 to 6 in both) and ends with its adapter."""
-    from mlxtune.progress import read_metrics
+    from conftest import straight_and_resumed
 
     def config(out):
         return load_config(None, [
@@ -231,23 +231,11 @@ def test_a_stopped_dpo_run_resumes_to_the_straight_runs_curve_and_adapter(tiny, 
             "train.save_every=4", "train.grad_accum=2", "train.batch_size=4",
             "train.report_every=3", "train.eval_every=0", "train.learning_rate=5e-3"])  # fmt: skip
 
-    straight = trainer.train(config(tmp_path / "a"), echo=lambda line: None)
-
-    def stop_after_step_6(line):
-        if line.startswith("step 6/"):
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        trainer.train(config(tmp_path / "b"), echo=stop_after_step_6)
-    lines = []
-    resumed = trainer.train(config(tmp_path / "b"), resume=True, echo=lines.append)
+    straight, resumed, lines, want, got = straight_and_resumed(config, tmp_path,
+                                                              ("loss", "margin"))  # fmt: skip
     assert not any(line.startswith("reference:") for line in lines)  # read back, not recomputed
-
-    def curve(run):
-        return [(r["step"], r["loss"], r["margin"]) for r in read_metrics(run / "metrics.jsonl")]
-
-    assert [s for s, *_ in curve(resumed)] == [3, 6, 8]
-    np.testing.assert_allclose(np.array(curve(resumed)), np.array(curve(straight)), rtol=1e-5)
+    assert [s for s, *_ in got] == [3, 6, 8]
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5)
     a = mx.load(str(straight / "adapter_model.safetensors"))
     b = mx.load(str(resumed / "adapter_model.safetensors"))
     assert all(mx.allclose(a[k], b[k], rtol=1e-5, atol=1e-7).item() for k in a)

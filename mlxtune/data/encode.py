@@ -183,3 +183,22 @@ def _with_bos(tokenizer, ids: list[int]) -> list[int]:
 
 def _encoded(ids, loss, where: str) -> Encoded:
     return Encoded(np.asarray(ids, dtype=np.int32), np.asarray(loss, dtype=bool), where)
+
+
+def encode_prompt(row: Row, tokenizer, media: MediaPlan | None = None) -> Encoded:
+    """A row's messages as a prompt awaiting the model's answer (the template's generation
+    prompt after them), its images and clips expanded; no token carries loss."""
+    if row.media and media is None:
+        field, kind, _ = row.media[0]
+        raise DataError(
+            f"{row.where}: {field}: {kind} parts need a multimodal model (Gemma 4 or Gemma 3n)"
+        )
+    if not tokenizer.chat_template:
+        if row.kind != "completion":
+            raise DataError(f"{row.where}: prompt: the tokenizer has no chat template")
+        ids = _with_bos(tokenizer, tokenizer(row.messages[0]["content"])["input_ids"])
+        return _encoded(ids, [False] * len(ids), row.where)
+    text = _render(tokenizer, row, list(row.messages), generation_prompt=True, media=media)
+    ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
+    enc = Encoded(ids, np.zeros(len(ids), bool), row.where)
+    return expand_media(enc, row, media) if row.media else enc
