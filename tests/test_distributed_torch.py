@@ -122,7 +122,9 @@ def _same_run(one: Path, two: Path, adapter_rtol: float = 1e-5) -> tuple[float, 
     np.testing.assert_allclose(lb, la, rtol=1e-5)
     # the gradient's norm before clipping: clipping and AdamW would hide a wrong scale
     ga, gb = ([r["grad_norm"] for r in rows if r["kind"] == "train"] for rows in (a, b))
-    np.testing.assert_allclose(gb, ga, rtol=1e-5, atol=1e-4)  # reported to 4 decimals
+    # reported to 4 decimals; after AdamW steps of a full fine-tune, float32 sums taken in
+    # another order move it by up to 4e-5 (a wrong scale, e.g. FSDP's mean, moves it by 50%)
+    np.testing.assert_allclose(gb, ga, rtol=1e-4, atol=1e-4)
     wa, wb = (load_file(str(_weights_file(d))) for d in (one, two))
     assert wa.keys() == wb.keys()
     rel = {k: float(np.linalg.norm(wa[k] - wb[k]) / max(np.linalg.norm(wa[k]), 1e-30))
