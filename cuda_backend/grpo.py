@@ -1,10 +1,11 @@
 """GRPO on PyTorch: the twin of mlxtune/grpo.py, same config, prompts, rewards, objective
 (mlxtune/pairloss.py) and run folder. Sampling is transformers' `generate` (a group as
 `num_return_sequences` of one prompt, seeded per step and prompt); the reference is the same
-model with its LoRA layers switched off (`lora.base_only`)."""
+model with its trained parameters as they were at the run's start."""
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 from pathlib import Path
 
@@ -64,10 +65,26 @@ def _device(engine, batch, host, reference=None) -> tuple:
     return out, media
 
 
-def reference_logps(engine, batch, host) -> np.ndarray:
-    """The base model's (LoRA switched off) log-probs of the gathered answer tokens."""
+@contextlib.contextmanager
+def weights_of(model, weights: dict):
+    """The model with these trained parameters (the run's start) in place of its own."""
+    params = lora.trainable(model)
+    now = {k: p.detach().clone() for k, p in params.items()}
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(weights[k])
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(now[k])
+
+
+def reference_logps(engine, batch, host, start: dict) -> np.ndarray:
+    """The log-probs of the gathered answer tokens under the run's starting weights."""
     (inputs, positions, gather, targets, _, _), media = _device(engine, batch, host)
-    with torch.no_grad(), lora.base_only(engine.model):
+    with torch.no_grad(), weights_of(engine.model, start):
         ce = forward_ce(engine, inputs, positions, gather, targets, media, grad=False,
                         temperature=engine.cfg.train.temperature)  # fmt: skip
     return (-ce).float().cpu().numpy()
@@ -91,6 +108,7 @@ def train_grpo(engine, run_dir: Path, resume: bool, say, ranks) -> Path:
         raise ConfigError("train.beta: GRPO's KL needs the base model beside the trained one, "
                           "which full fine-tuning would hold twice; use LoRA or train.beta 0")  # fmt: skip
     run = GrpoRun(engine, run_dir, resume, say, ranks.size)
+    start = {k: p.detach().clone() for k, p in lora.trainable(engine.model).items()}
     loop = Loop(engine, run, run_dir, resume, ranks, say,
                 f"grpo, {t.group_size} answers per prompt")  # fmt: skip
     gather = partial(gather_positions, multiple=max(t.ce_chunk_tokens, 64))
@@ -104,7 +122,7 @@ def train_grpo(engine, run_dir: Path, resume: bool, say, ranks) -> Path:
         for batch, owner, counts, completions, tokens in run.micro_batches(
                 answers, [len(b) * t.group_size for b in batches]):  # fmt: skip
             host = run.arrays(batch, owner, counts, completions, tokens, gather, answers)
-            reference = reference_logps(engine, batch, host) if t.beta else \
+            reference = reference_logps(engine, batch, host, start) if t.beta else \
                 np.zeros(len(host[2]), np.float32)  # fmt: skip
             loop.micro(batch, *micro_loss(engine, batch, host, reference))
         loop.finish(step, position, validate_now if "valid" in run.data else None,

@@ -11,7 +11,6 @@ the same blocks instead. The base layer may be an `nn.Linear`, our `NF4Linear`, 
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -67,8 +66,6 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if not getattr(self, "enabled", True):  # `base_only`: the layer it wraps, alone
-            return y
         a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
         dropped = self.dropout(x)
         update = (dropped @ a.T) @ b.T * self.scale
@@ -194,16 +191,3 @@ def fuse(model: nn.Module) -> None:
             parent, _, name = path.rpartition(".")
             owner = model.get_submodule(parent) if parent else model
             setattr(owner, name, m.fuse())
-
-
-@contextlib.contextmanager
-def base_only(model: nn.Module):
-    """Every LoRA / DoRA layer of `model` computes its base layer alone (GRPO's reference)."""
-    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
-    for m in layers:
-        m.enabled = False
-    try:
-        yield model
-    finally:
-        for m in layers:
-            m.enabled = True

@@ -102,12 +102,17 @@ class Engine(DataOf):
             adapters.save(folder, self.adapter(weights))
 
 
-def setup(cfg: Config, adapter: str | Path | None = None) -> Engine:
-    """Load the model and adapt it: fresh LoRA layers from cfg.lora, or a saved adapter."""
+def setup(cfg: Config, adapter: str | Path | None = None, trainable: bool = False) -> Engine:
+    """Load the model and adapt it: fresh LoRA layers from cfg.lora, or a saved adapter
+    (`trainable`: its LoRA layers train on, as model.adapter asks)."""
     loaded = model_lib.load(cfg.model)
     torch.manual_seed(cfg.train.seed)  # LoRA's A matrices are drawn here
     if adapter is not None:
         cfg, adapted, hf_names = attach(loaded, cfg, Path(adapter))
+        if trainable:  # its LoRA / DoRA layers train on (embedders trained in full stay)
+            for name, param in loaded.model.named_parameters():
+                if name.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "m"):
+                    param.requires_grad_(True)
     else:
         adapted = lora.apply(loaded.model, cfg.lora, loaded.model_type)
         hf_names = {}
@@ -326,7 +331,7 @@ def _train(cfg: Config, resume: bool, echo, ranks: Ranks) -> Path:
         if main:  # the other ranks wait for it, then load it as it is
             prepare.prepare(cfg.model, say)
         ranks.barrier()
-    engine = setup(cfg)
+    engine = setup(cfg, cfg.model.adapter, trainable=True) if cfg.model.adapter else setup(cfg)
     model, t = engine.model, cfg.train
     if t.method == "grpo":
         from .grpo import train_grpo

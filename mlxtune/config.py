@@ -48,6 +48,12 @@ class ModelConfig:
     path: str | None = opt(
         None, "Hugging Face repo id or local folder (config.json, *.safetensors, tokenizer.json)"
     )
+    adapter: str | None = opt(
+        None,
+        "Train on from this adapter (a run folder or a PEFT adapter folder), e.g. an SFT run "
+        "before DPO or GRPO: its LoRA layers keep training and its LoRA settings replace "
+        "lora.*; DPO's reference and GRPO's KL are then to this adapter's model",
+    )
     backend: Literal["mlx", "cuda"] = opt("mlx", "mlx (Apple Silicon / mlx[cpu]) or cuda (torch)")
     quantize: Literal[4, 8] | None = opt(None, "Quantize the frozen base to 4 or 8 bits (QLoRA)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(

@@ -5,7 +5,8 @@ The `group_size` answers to a prompt are sampled together, as one batch of ident
 (the prompt's images and clips embedded once), through mlx-lm's KV cache. Each step's sampling
 keys come from (train.seed, step, prompt), so a resumed run samples what the straight run
 did. With train.beta > 0, the reference log-probs come from the same model with its adapters
-taken out (the base), run without gradients: no second model in memory.
+as they were at the run's start (the base for a new adapter, `model.adapter` when training on
+from one), run without gradients: no second model in memory.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_unflatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from .data.encode import Encoded
 from .errors import ConfigError
@@ -66,18 +67,15 @@ def sample(engine, prompt: Encoded, n: int, max_tokens: int, temperature: float,
 
 
 @contextmanager
-def base_only(model: nn.Module):
-    """The model with every LoRA / DoRA layer replaced by the layer it wraps (the base), for
-    the reference's log-probs; put back on exit."""
-    from mlx_lm.tuner.dora import DoRALinear
-    from mlx_lm.tuner.lora import LoRALinear
-
-    adapted = [(p, m) for p, m in model.named_modules() if isinstance(m, LoRALinear | DoRALinear)]
-    model.update_modules(tree_unflatten([(p, m.linear) for p, m in adapted]))
+def weights_of(model: nn.Module, weights: dict):
+    """The model with these trained parameters (the run's start: GRPO's reference) in place of
+    its own; put back on exit."""
+    now = dict(tree_flatten(model.trainable_parameters()))
+    model.update(tree_unflatten(list(weights.items())))
     try:
         yield model
     finally:
-        model.update_modules(tree_unflatten(adapted))
+        model.update(tree_unflatten(list(now.items())))
 
 
 def grpo_loss(model, split, t, inputs, segments, gather, targets, advantages, weights,
@@ -98,6 +96,7 @@ def train_grpo(engine, run_dir: Path, resume: bool, say, ranks) -> Path:
         raise ConfigError("train.beta: GRPO's KL needs the base model beside the trained one, "
                           "which full fine-tuning would hold twice; use LoRA or train.beta 0")  # fmt: skip
     run = GrpoRun(engine, run_dir, resume, say, ranks.size)
+    start = dict(tree_flatten(model.trainable_parameters()))  # before a resume restores any
     loop = Loop(engine, run, run_dir, resume, ranks, say,
                 f"grpo, {t.group_size} answers per prompt", grpo_loss)  # fmt: skip
     gather = partial(gather_positions, multiple=max(t.ce_chunk_tokens, 64))
@@ -114,7 +113,7 @@ def train_grpo(engine, run_dir: Path, resume: bool, say, ranks) -> Path:
             media = media_of(batch, engine.soft)
             reference = mx.zeros(arrays[2].shape, mx.float32)
             if t.beta:
-                with base_only(model):
+                with weights_of(model, start):
                     reference = -forward_ce(model, engine.split, t.ce_chunk_tokens, *arrays[:4],
                                             media, engine.masked, grad=False,
                                             temperature=t.temperature)  # fmt: skip

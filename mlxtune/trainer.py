@@ -93,13 +93,16 @@ def settle_checkpointing(cfg: Config, ranks: int = 1) -> tuple[Config, str | Non
     return plan.settle(cfg, size / plan.GIB if size else None, ranks=ranks)
 
 
-def setup(cfg: Config, adapter: str | Path | None = None) -> Engine:
-    """Load the model and adapt it: fresh LoRA layers from cfg.lora, or a saved adapter."""
+def setup(cfg: Config, adapter: str | Path | None = None, trainable: bool = False) -> Engine:
+    """Load the model and adapt it: fresh LoRA layers from cfg.lora, or a saved adapter
+    (`trainable`: its LoRA layers train on, as model.adapter asks)."""
     loaded = model_lib.load(cfg.model)
     notes: list[str] = []  # things the user should hear about
     mx.random.seed(cfg.train.seed)  # LoRA's A matrices are drawn here
     if adapter is not None:
         cfg, adapted, hf_names = attach(loaded, cfg, Path(adapter))
+        if trainable:  # its LoRA / DoRA layers train on (embedders trained in full stay)
+            loaded.model.unfreeze(keys=["lora_a", "lora_b", "m"], strict=False)
     else:
         adapted = lora.apply(loaded.model, cfg.lora, loaded.model_type)
         hf_names = {}
@@ -294,7 +297,7 @@ def _train(cfg: Config, resume: bool, echo, ranks: Ranks) -> Path:
     if not cfg.data.train:
         raise ConfigError("data.train: not set")
     cfg, checkpointing = settle_checkpointing(cfg, ranks.size)
-    engine = setup(cfg)
+    engine = setup(cfg, cfg.model.adapter, trainable=True) if cfg.model.adapter else setup(cfg)
     cfg = engine.cfg  # setup may turn packing off for a model that cannot pack
     model, t = engine.model, cfg.train
     loud = echo or (lambda line: print(line, flush=True))

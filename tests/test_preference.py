@@ -239,3 +239,26 @@ def test_a_stopped_dpo_run_resumes_to_the_straight_runs_curve_and_adapter(tiny, 
     a = mx.load(str(straight / "adapter_model.safetensors"))
     b = mx.load(str(resumed / "adapter_model.safetensors"))
     assert all(mx.allclose(a[k], b[k], rtol=1e-5, atol=1e-7).item() for k in a)
+
+
+def test_dpo_from_an_sft_adapter_takes_that_model_as_its_reference(trained, tiny, pair_files,
+                                                                  tmp_path):  # fmt: skip
+    """`model.adapter`: DPO trains on from an SFT run's adapter, and its reference
+    log-probabilities are that model's (not the base's)."""
+    sft = trained("llama")
+    run = mt.train(model={"path": str(tiny("llama")), "adapter": str(sft)},
+                   data={"train": str(pair_files[0]), "max_seq_len": 64},
+                   train={"method": "dpo", "iters": 2, "batch_size": 8, "eval_every": 0,
+                          "save_every": 0},
+                   output={"dir": str(tmp_path / "dpo")}, echo=None)  # fmt: skip
+    saved = np.load(run.dir / "reference.npz")["train"]
+    cfg = load_config(sft / "config.yaml", ["data.max_seq_len=64"])
+    for adapter, close in ((sft, True), (None, False)):
+        engine = trainer.setup(cfg, adapter=adapter)
+        pairs = prepare_pairs(read_pairs(pair_files[0]), engine.loaded.tokenizer, 64)
+        got = preference.scores(engine, pairs)["logps"]
+        assert np.allclose(got, saved, rtol=1e-4, atol=1e-4) == close
+    adapter = mx.load(str(run.dir / "adapter_model.safetensors"))
+    before = mx.load(str(sft / "adapter_model.safetensors"))
+    assert adapter.keys() == before.keys()
+    assert any(not mx.allclose(adapter[k], before[k]).item() for k in adapter)
