@@ -158,6 +158,17 @@ class TrainConfig:
         "of floats (or None to abstain); every public function in it, or FILE:name,name",
     )
     reward_weights: tuple[float, ...] = opt((), "grpo: one weight per reward function; empty = 1")
+    reward_judge: EndpointConfig | None = opt(
+        None,
+        "grpo: a model that scores every answer from 0 to 10 (any OpenAI-compatible endpoint, "
+        "a local one included, through the fusion client); score / 10 is the reward `judge`",
+    )
+    judge_instructions: str = opt(
+        "Score how well the answer follows the prompt, from 0 (not at all) to 10 (fully). "
+        "Reply with the number only.",
+        "grpo, reward_judge: what the judge is told before the prompt and the answer",
+    )
+    judge_weight: float = opt(1.0, "grpo, reward_judge: the judge reward's weight")
     group_size: int = opt(8, "grpo: answers sampled per prompt (TRL's num_generations)")
     max_completion_tokens: int = opt(128, "grpo: longest sampled answer in tokens")
     temperature: float = opt(1.0, "grpo: sampling temperature (the log-probs use it too, as TRL)")
@@ -233,8 +244,9 @@ class TrainConfig:
         _positive(self, "group_size", "max_completion_tokens")
         if self.method == "grpo" and self.group_size < 2:
             raise Invalid("group_size", "grpo compares answers within a group: needs >= 2")
-        if self.method == "grpo" and not self.reward_functions:
-            raise Invalid("reward_functions", "train.method grpo needs a file of reward functions")
+        if self.method == "grpo" and not (self.reward_functions or self.reward_judge):
+            raise Invalid("reward_functions", "train.method grpo needs a file of reward functions "
+                          "(or train.reward_judge)")  # fmt: skip
         if not 0.0 <= self.label_smoothing < 0.5:
             raise Invalid("label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
 

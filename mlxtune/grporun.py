@@ -24,7 +24,7 @@ from .errors import ConfigError, DataError
 from .io import atomic_folder
 from .pairloss import token_weights
 from .pairrun import MethodRun
-from .rewards import Reward, advantages, load_rewards, score
+from .rewards import Judge, Reward, advantages, load_rewards, score
 from .runs import total_steps
 
 
@@ -113,7 +113,12 @@ class GrpoRun(MethodRun):
         if ranks > 1:
             raise ConfigError("train.method grpo: runs in one process for now; start it without "
                               "mlxtune launch or torchrun")  # fmt: skip
-        self.rewards: list[Reward] = load_rewards(self.t.reward_functions, self.t.reward_weights)
+        self.rewards: list[Reward] = []
+        if self.t.reward_functions:
+            self.rewards = load_rewards(self.t.reward_functions, self.t.reward_weights)
+        if self.t.reward_judge is not None:
+            judge = Judge(self.t.reward_judge, self.t.judge_instructions)
+            self.rewards.append(Reward("judge", judge, self.t.judge_weight))
         self.weights = np.array([r.weight for r in self.rewards])
         room = self.t.max_completion_tokens
         self.data = {"train": load_prompts(engine, cfg.data.train)}
@@ -220,7 +225,8 @@ class GrpoRun(MethodRun):
                  "sampled_tokens_per_s": round(window["tokens"] / max(window["sampling_s"], 1e-9), 1)}  # fmt: skip
         reporter.train(step, window["loss"] / window["steps"], lr, window["real"] / elapsed,
                        window["real"] / max(window["slots"], 1), peak_gb,
-                       elapsed / window["steps"], grad_norm=round(norm, 4), **extra)  # fmt: skip
+                       elapsed / window["steps"], grad_norm=round(norm, 4),
+                       elapsed_s=round(elapsed, 4), **extra)  # fmt: skip
         funcs = "  ".join(f"{k} {v:.3f}" for k, v in per.items())
         self.say(f"    reward {mean:.3f} +- {std:.3f} ({funcs})  kl {extra['kl']:.4f}  "
                  f"answer {extra['completion_tokens']:.1f} tokens  "

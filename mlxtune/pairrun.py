@@ -98,7 +98,7 @@ class PairRun(MethodRun):
         reporter.train(step, float(window["loss"]) / window["steps"], lr,
                        window["real"] / elapsed, window["real"] / window["slots"], peak_gb,
                        elapsed / window["steps"], grad_norm=round(norm, 4),
-                       pairs=int(window["pairs"]), **extra)  # fmt: skip
+                       elapsed_s=round(elapsed, 4), pairs=int(window["pairs"]), **extra)  # fmt: skip
         self.say(f"    margin {extra['margin']:+.3f}  accuracy {extra['accuracy']:.0%}  "
                  f"chosen {extra['chosen_logps']:.2f}  rejected {extra['rejected_logps']:.2f}")  # fmt: skip
 

@@ -87,6 +87,8 @@ def score(rewards: list[Reward], prompts: list, completions: list, completion_id
         try:
             got = r.fn(prompts=prompts, completions=completions, completion_ids=completion_ids,
                        **columns)  # fmt: skip
+        except RewardError:
+            raise
         except Exception as e:  # the user's code
             file = Path(inspect.getsourcefile(r.fn) or "?")
             raise RewardError(f"{where}{_at(e, file)}: raised {type(e).__name__}: {e}") from None
@@ -139,3 +141,59 @@ def _nanstd(x: np.ndarray, axis=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return np.nanstd(x, axis=axis, ddof=1)
+
+
+class Judge:
+    """The reward `judge`: a model behind an OpenAI-compatible endpoint scores each answer from
+    0 to 10 (the first number of its reply), all answers of a step asked in parallel through
+    the fusion client; the reward is the score / 10, or None (abstain) where a call fails or
+    the reply holds no number. Every call failing is an error."""
+
+    def __init__(self, endpoint, instructions: str):
+        self.endpoint, self.instructions = endpoint, instructions
+        self.failed = 0
+
+    def __call__(self, prompts: list, completions: list, **columns) -> list[float | None]:
+        import asyncio
+
+        return asyncio.run(self._ask(prompts, completions))
+
+    async def _ask(self, prompts, completions) -> list[float | None]:
+        import re
+
+        from fusion.client import FusionClient
+
+        from .config import FusionConfig
+
+        jobs = [(self.endpoint, self._messages(p, c), 0.0, f"judge-{i}")
+                for i, (p, c) in enumerate(zip(prompts, completions, strict=True))]  # fmt: skip
+        async with FusionClient(FusionConfig()) as client:
+            calls = await client.gather(jobs)
+        out: list[float | None] = []
+        for call in calls:
+            found = re.search(r"-?\d+(?:\.\d+)?", call.text) if call.ok else None
+            out.append(None if found is None else min(max(float(found.group()), 0.0), 10.0) / 10)
+        self.failed += sum(not c.ok for c in calls)
+        if calls and all(not c.ok for c in calls):
+            raise RewardError(f"train.reward_judge: every call failed ({calls[0].member}: "
+                              f"{calls[0].error})")  # fmt: skip
+        return out
+
+    def _messages(self, prompt, completion) -> list[dict]:
+        return [{"role": "system", "content": self.instructions},
+                {"role": "user", "content": f"Prompt:\n{_text(prompt)}\n\nAnswer:\n"
+                                            f"{_text(completion)}"}]  # fmt: skip
+
+
+def _text(value) -> str:
+    """A prompt or answer as plain text (messages joined; pictures and clips as [image])."""
+    if isinstance(value, str):
+        return value
+    lines = []
+    for message in value:
+        content = message.get("content")
+        if isinstance(content, list):
+            content = " ".join(p["text"] if p["type"] == "text" else f"[{p['type']}]"
+                               for p in content)  # fmt: skip
+        lines.append(f"{message.get('role', 'user')}: {content or ''}")
+    return "\n".join(lines)

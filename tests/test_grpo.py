@@ -333,3 +333,53 @@ def test_grpo_on_audio_prompts_raises_the_reward_for_naming_the_pitch(tmp_path):
     assert np.mean(rewards[-2:]) >= np.mean(rewards[:2]) + 0.1, rewards
     valid_rows = [r for r in run.metrics if r["kind"] == "valid"]
     assert [r["step"] for r in valid_rows] == [0, 40] and valid_rows[0]["prompts"] == len(valid)
+
+
+def test_a_judge_model_scores_every_answer_through_the_fusion_client(tiny, task, tmp_path):
+    """`train.reward_judge`: a loopback OpenAI-compatible judge is asked once per sampled
+    answer (the instructions, then the prompt and the answer); its number / 10 is the reward
+    `judge`, logged beside the file's functions. A judge whose every call fails stops the run
+    in one line, before any run folder exists."""
+    from _cli import mlxtune
+    from _providers import Providers, Reply
+
+    (tmp_path / "shaped.py").write_text(SHAPED)
+
+    def judge(body):
+        answer = body["messages"][-1]["content"].split("Answer:\n", 1)[1]
+        return Reply("Score: 7" if answer.strip() else "none")
+
+    with Providers().thread() as p:
+        url = p.add("judge", judge)
+        run = mt.train(model=str(tiny("llama")),
+                       data={"train": str(task / "train.jsonl"), "max_seq_len": 64},
+                       train={"method": "grpo", "iters": 2, "batch_size": 2, "group_size": 4,
+                              "max_completion_tokens": 3, "report_every": 1, "eval_every": 0,
+                              "save_every": 0, "reward_functions": str(tmp_path / "shaped.py"),
+                              "reward_judge": {"base_url": url, "model": "judge-model"}},
+                       output={"dir": str(tmp_path / "run")}, echo=None)  # fmt: skip
+        asked = [r["body"] for r in p.requests["judge"]]
+        failing = p.add("down", Reply(status=500, error_body="down"))
+        config = tmp_path / "judge.yaml"
+        config.write_text(f"""model: {{path: {tiny("llama")}}}
+data: {{train: {task / "train.jsonl"}, max_seq_len: 64}}
+train: {{method: grpo, iters: 1, group_size: 2, batch_size: 1, max_completion_tokens: 2,
+        reward_judge: {{base_url: '{failing}', model: m, max_retries: 0}}}}
+output: {{dir: {tmp_path / "down"}}}
+""")
+        done = mlxtune("train", config)
+    assert len(asked) == 2 * 2 * 4
+    first = asked[0]["messages"]
+    assert first[0]["role"] == "system" and "from 0 (not at all) to 10" in first[0]["content"]
+    assert first[1]["content"].startswith("Prompt:\nGroup: ")
+    rows = [r for r in run.metrics if r["kind"] == "train"]
+    assert set(rows[0]["rewards"]) == {"names_a_group", "right_group", "judge"}
+    said = [m["messages"][1]["content"].split("Answer:\n", 1)[1].strip() for m in asked]
+    want = [0.7 if s else None for s in said]
+    got = [r["rewards"]["judge"] for r in rows]
+    for step, share in zip(got, (want[:8], want[8:]), strict=True):
+        scored = [w for w in share if w is not None]
+        assert step == pytest.approx(sum(scored) / len(scored), abs=1e-4)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "train.reward_judge: every call failed" in done.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "down").exists()
