@@ -97,8 +97,9 @@ mt.train(model={str(MODEL)!r}, data={{**{files!r}, "max_seq_len": {MAX_LEN}}},
     _, rss = run_child(body, env)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["kind"] == "train"]
-    steps = [r["step"] - p for r, p in zip(rows, [0] + [r["step"] for r in rows])]
-    later = list(zip(rows, steps))[1:]  # after the window that compiles
+    steps = [r["step"] - p for r, p in zip(rows, [0] + [r["step"] for r in rows][:-1],
+                                            strict=True)]  # fmt: skip
+    later = list(zip(rows, steps, strict=True))[1:]  # after the window that compiles
     per_s = sum(n for _, n in later) / sum(r["elapsed_s"] for r, _ in later)
     return {"steps_per_s": per_s, "mlx_peak_gb": max(r["peak_memory_gb"] for r in rows),
             "rss_gb": rss / 1e9, "last_loss": rows[-1]["loss"]}  # fmt: skip
