@@ -35,19 +35,19 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / ".cache" / "smollm2-135m-instruct"
 RANK, ALPHA, LR, MAX_LEN = 8, 16.0, 1e-5, 256
 SYSTEM = "Answer with the group of the words only."
-THEIR_REWARD = '''
+THEIR_REWARD = """
 from mlx_lm_lora.trainer.grpo_reward_functions import register_reward_function
 
 
 @register_reward_function()
 def right_group(prompts, completions, answer, types=None):
     return [1.0 if c.strip().startswith(a) else 0.0 for c, a in zip(completions, answer)]
-'''
-OUR_REWARD = '''
+"""
+OUR_REWARD = """
 def right_group(prompts, completions, answer, **kw):
     texts = [c[0]["content"] for c in completions]  # conversational prompts: message lists
     return [1.0 if c.strip().startswith(a) else 0.0 for c, a in zip(texts, answer)]
-'''
+"""
 
 
 def make_data(work: Path) -> None:
