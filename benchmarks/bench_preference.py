@@ -1,7 +1,8 @@
 """mlxtune vs mlx-lm-lora (a bench-only dependency) on DPO and GRPO: the same model, data and
 settings, side by side in one run.
 
-    python benchmarks/bench_preference.py [--method dpo|grpo|both] [--iters N] [--work DIR]
+    python benchmarks/bench_preference.py [--method dpo|grpo|both] [--iters N] [--grpo-iters N]
+                                          [--work DIR]
 
 The model is a real trained one, SmolLM2-135M-Instruct (30 layers, width 576, vocabulary
 49,152; `make real-model`), in float32. Both tools adapt the same seven projections of every
@@ -161,7 +162,8 @@ T.run(args, Record())
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", choices=["dpo", "grpo", "both"], default="both")
-    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--iters", type=int, default=20, help="DPO steps")
+    parser.add_argument("--grpo-iters", type=int, default=8, help="GRPO steps")
     parser.add_argument("--work", type=Path, default=None)
     args = parser.parse_args()
     if not (MODEL / "config.json").is_file():
@@ -170,11 +172,13 @@ def main() -> None:
     make_data(work)
     env = dict(os.environ)
     methods = ["dpo", "grpo"] if args.method == "both" else [args.method]
-    print(f"SmolLM2-135M-Instruct, float32, LoRA rank {RANK} on every layer, {args.iters} steps")
+    print(f"SmolLM2-135M-Instruct, float32, LoRA rank {RANK} on every layer; DPO {args.iters} "
+          f"steps, GRPO {args.grpo_iters}")  # fmt: skip
     print(f"{'method':6} {'tool':12} {'steps/s':>8} {'MLX peak GB':>12} {'RSS GB':>8} {'loss':>8}")
     for method in methods:
-        ours = run_mlxtune(work, method, args.iters, env)
-        theirs = run_theirs(work, method, args.iters, env)
+        iters = args.iters if method == "dpo" else args.grpo_iters
+        ours = run_mlxtune(work, method, iters, env)
+        theirs = run_theirs(work, method, iters, env)
         for name, r in (("mlxtune", ours), ("mlx-lm-lora", theirs)):
             print(f"{method:6} {name:12} {r['steps_per_s']:8.3f} {r['mlx_peak_gb']:12.3f} "
                   f"{r['rss_gb']:8.2f} {r['last_loss']:8.4f}")  # fmt: skip

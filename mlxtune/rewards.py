@@ -94,9 +94,10 @@ def score(rewards: list[Reward], prompts: list, completions: list, completion_id
             raise RewardError(f"{where}{_at(e, file)}: raised {type(e).__name__}: {e}") from None
         if isinstance(got, np.ndarray):
             got = got.tolist()
-        if not isinstance(got, list | tuple) or len(got) != n:
-            size = len(got) if isinstance(got, list | tuple) else type(got).__name__
-            raise RewardError(f"{where}: returned {size} values for {n} completions")
+        if not isinstance(got, list | tuple):
+            raise RewardError(f"{where}: returned {type(got).__name__}, not a list of {n} values")
+        if len(got) != n:
+            raise RewardError(f"{where}: returned {len(got)} values for {n} completions")
         for i, v in enumerate(got):
             if v is None:
                 continue

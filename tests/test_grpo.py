@@ -217,10 +217,6 @@ BAD = {
                         "rewards.py:4: does not import: SyntaxError"),
     "raises": ("def score(prompts, completions, **kw):\n    return [1 / 0 for c in completions]\n",
                "train.reward_functions: score (rewards.py:2): raised ZeroDivisionError"),
-    "wrong length": ("def score(prompts, completions, **kw):\n    return [1.0]\n",
-                     "train.reward_functions: score: returned 1 values for 8 completions"),
-    "not numbers": ("def score(prompts, completions, **kw):\n    return ['1'] * len(completions)\n",
-                    "train.reward_functions: score: value 0 is str, not a number"),
 }  # fmt: skip
 
 
@@ -243,6 +239,21 @@ output: {{dir: {out}}}
     lines = done.stderr.strip().splitlines()
     assert message in lines[-1] and "Traceback" not in done.stderr, done.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("returned, message", [
+    ("[1.0]", "train.reward_functions: score: returned 1 values for 4 completions"),
+    ("['1'] * len(completions)", "train.reward_functions: score: value 0 is str, not a number"),
+    ("None", "train.reward_functions: score: returned NoneType, not a list of 4 values"),
+])  # fmt: skip
+def test_a_reward_function_returning_the_wrong_thing_is_one_line(tmp_path, returned, message):
+    (tmp_path / "rewards.py").write_text(
+        f"def score(prompts, completions, **kw):\n    return {returned}\n"
+    )
+    funcs = rewards.load_rewards(str(tmp_path / "rewards.py"))
+    with pytest.raises(rewards.RewardError) as e:
+        rewards.score(funcs, ["p"] * 4, ["c"] * 4, [[1]] * 4, {})
+    assert str(e.value) == message
 
 
 def test_grpo_needs_reward_functions_in_one_line():
@@ -383,3 +394,38 @@ output: {{dir: {tmp_path / "down"}}}
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "train.reward_judge: every call failed" in done.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "down").exists()
+
+
+def test_packing_a_group_changes_no_loss_or_gradient(trained, task):
+    """`data.packing`: a micro-batch's answers packed several to a row (the group's forward
+    pass at once) give the loss and LoRA gradients of one answer per row."""
+    run_dir = trained("llama")
+    cfg = load_config(run_dir / "config.yaml", [
+        "train.method=grpo", f"train.reward_functions={task / 'rewards.py'}",
+        f"data.train={task / 'train.jsonl'}", "data.valid=", "train.group_size=4",
+        "train.max_completion_tokens=6", "train.beta=0.04", "data.max_seq_len=64"])  # fmt: skip
+    engine = trainer.setup(cfg, adapter=run_dir)
+    model = engine.model
+    model.unfreeze(keys=["lora_a", "lora_b"], strict=False)
+    run = GrpoRun(engine, run_dir.parent / "unused", True, lambda line: None)
+    prompts = [run.train.encoded[i] for i in (0, 1)]
+    sampled = [grpo.sample(engine, p, 4, 6, 1.0, 5 + i, run.stops) for i, p in enumerate(prompts)]
+    answers = answers_of(prompts, sampled, run.stops, run.tokenizer, 6)
+    answers.advantages = np.random.default_rng(1).normal(0, 1, 8).astype(np.float32)
+    fn = partial(grpo.grpo_loss, model, engine.split, cfg.train, masked=True)
+    results = []
+    for packing in (False, True):
+        run.packing = packing
+        ((batch, owner, counts, n, tokens),) = run.micro_batches(answers, [8])
+        host = run.arrays(batch, owner, counts, n, tokens,
+                          partial(trainer.gather_positions, multiple=64), answers)  # fmt: skip
+        reference = np.full(len(host[2]), -3.0, np.float32)
+        (loss, _), g = nn.value_and_grad(model, fn)(*map(mx.array, host), mx.array(reference),
+                                                    {})  # fmt: skip
+        results.append((batch.inputs.shape[0], loss.item(), dict(tree_flatten(g))))
+    (rows_a, loss_a, grads_a), (rows_b, loss_b, grads_b) = results
+    assert rows_a == 8 and rows_b < rows_a  # packed: fewer rows
+    assert loss_b == pytest.approx(loss_a, rel=1e-5)
+    for k in grads_a:
+        np.testing.assert_allclose(np.array(grads_b[k]), np.array(grads_a[k]), rtol=1e-4,
+                                   atol=1e-6 * np.abs(np.array(grads_a[k])).max())  # fmt: skip
