@@ -19,6 +19,7 @@ import numpy as np
 
 from .data.batching import Batching, _first_fit, collate, plan_epoch
 from .data.encode import Encoded, encode_prompt
+from .data.pairs import ROW_MULTIPLE
 from .data.prompts import PromptRow, read_prompts
 from .errors import ConfigError, DataError
 from .io import atomic_folder
@@ -185,7 +186,7 @@ class GrpoRun(MethodRun):
                         _first_fit(lengths, order, self.batching.max_seq_len)]  # fmt: skip
             else:
                 rows = [[i] for i in idx]
-            batch = collate(answers.examples, rows, self.batching.max_seq_len)
+            batch = collate(answers.examples, rows, self.batching.max_seq_len, ROW_MULTIPLE)
             owner = np.zeros(batch.inputs.shape, np.int64)  # which answer each position is
             for r, row in enumerate(rows):
                 at = 0

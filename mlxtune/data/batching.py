@@ -168,9 +168,9 @@ class Batching:
         return max(-(-self.take(n) // self.ranks) * n for n in lengths)
 
 
-def padded_length(used: int, max_seq_len: int) -> int:
-    """A batch's length: its longest row rounded up to PAD_MULTIPLE, at most max_seq_len."""
-    return min(-(-max(used, 1) // PAD_MULTIPLE) * PAD_MULTIPLE, max_seq_len)
+def padded_length(used: int, max_seq_len: int, multiple: int = PAD_MULTIPLE) -> int:
+    """A batch's length: its longest row rounded up to `multiple`, at most max_seq_len."""
+    return min(-(-max(used, 1) // multiple) * multiple, max_seq_len)
 
 
 def plan_epoch(
@@ -271,9 +271,11 @@ class Batch:
         return int((self.segments > 0).sum())
 
 
-def collate(examples: list[Encoded], rows: list[list[int]], max_seq_len: int) -> Batch:
+def collate(examples: list[Encoded], rows: list[list[int]], max_seq_len: int,
+            multiple: int = PAD_MULTIPLE) -> Batch:  # fmt: skip
+    """The rows as arrays, padded to their longest rounded up to `multiple`."""
     used = [sum(len(examples[i]) - 1 for i in row) for row in rows]
-    length = padded_length(max(used), max_seq_len)
+    length = padded_length(max(used), max_seq_len, multiple)
     shape = (len(rows), length)
     inputs, targets = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
     weights, segments = np.zeros(shape, np.float32), np.zeros(shape, np.int32)
